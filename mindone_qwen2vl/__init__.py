@@ -1,0 +1,32 @@
+"""Qwen2-VL for MindSpore (CPU and Ascend), numerically matched to Hugging Face transformers."""
+# mindspore must be imported before decord: the other order aborts the process
+# ("random_device could not be read").
+import mindspore  # noqa: F401
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Qwen2VLConfig",
+    "Qwen2VLVisionConfig",
+    "Qwen2VLTextConfig",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLProcessor",
+]
+
+_LAZY = {
+    "Qwen2VLConfig": "config",
+    "Qwen2VLVisionConfig": "config",
+    "Qwen2VLTextConfig": "config",
+    "Qwen2VLForConditionalGeneration": "modeling_qwen2_vl",
+    "Qwen2VLProcessor": "processing",
+}
+
+
+def __getattr__(name):
+    # Lazy so that `import mindone_qwen2vl.qwen_vl_utils` does not pull in the model or transformers.
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mindone-qwen2vl",
+    version="0.1.0",
+    description="Qwen2-VL (2B/7B/72B Instruct) for MindSpore on Ascend, exact against Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mindone_qwen2vl", "mindone_qwen2vl.*"]),
+    include_package_data=True,
+    package_data={"mindone_qwen2vl": ["assets/*", "assets/*/*"]},
+    install_requires=[
+        "mindspore>=2.5",  # 2.10.0 is the tested version
+        "numpy<2",  # MindSpore fails at its first op with numpy 2
+        "transformers>=4.49",  # 4.57.1 is the tested version
+        "tokenizers",
+        "pillow",
+        # decord ships wheels for x86-64 only; elsewhere (aarch64 Ascend hosts) PyAV decodes.
+        "decord; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
+        "av; platform_machine != 'x86_64' and platform_machine != 'AMD64'",
+        "safetensors",
+        "huggingface_hub",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0"],
+        "convert": ["torch"],
+    },
+)

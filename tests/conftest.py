@@ -1,0 +1,2 @@
+# mindspore first: importing decord before it aborts the process.
+import mindspore  # noqa: F401
