@@ -26,7 +26,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "torch==2.13.0", "av"],
         "convert": ["torch"],
     },
 )
