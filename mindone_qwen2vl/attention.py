@@ -1,0 +1,70 @@
+"""Attention backends, the one place that knows how attention is computed.
+
+- "eager": matmul + float32 softmax, runs everywhere (CPU and Ascend); the numerical reference.
+- "flash_attention_2": `ops.flash_attention_score` (Ascend only; see precision.py for when it is chosen).
+
+Vision attention is block-diagonal per frame: each frame of each image/video attends only to itself. The
+eager path batches the frames as [frames, heads, L, L] (padded to the longest frame when sizes differ), so
+memory is the block diagonal only, never a mask over every patch.
+"""
+import mindspore as ms
+from mindspore import ops
+
+ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2")
+
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+_bmm = ops.BatchMatMul()
+
+
+def _softmax_fp32(scores, dtype):
+    # Scores arrive in float32 (masks hold float32's most negative value, which is -inf in fp16 and would
+    # turn a fully masked padding row into NaN); softmax in float32 as HF does, then back to the compute dtype.
+    return ops.softmax(scores, -1).astype(dtype)
+
+
+def vision_attention(q, k, v, layout, scale, impl="eager"):
+    """q, k, v: [N, heads, head_dim] for all patches of all frames -> [N, heads * head_dim].
+
+    layout (from modeling_vision.attention_layout): (frame_len, gather_idx, key_bias, unpad_idx); frame_len
+    is the common frame length when all frames are equal, else the three tables pad frames to the longest.
+    """
+    n, heads, dim = q.shape
+    frame_len, gather_idx, key_bias, unpad_idx = layout
+    if gather_idx is None:
+        n_frames, lmax = n // frame_len, frame_len
+    else:
+        n_frames, lmax = key_bias.shape
+        q = ops.gather(q, gather_idx, 0)
+        k = ops.gather(k, gather_idx, 0)
+        v = ops.gather(v, gather_idx, 0)
+    # [F, L, H, D] -> [F, H, L, D]
+    q = q.reshape(n_frames, lmax, heads, dim).transpose(0, 2, 1, 3)
+    k = k.reshape(n_frames, lmax, heads, dim).transpose(0, 2, 1, 3)
+    v = v.reshape(n_frames, lmax, heads, dim).transpose(0, 2, 1, 3)
+    scores = (_bmm_t(q, k) * scale).astype(ms.float32)
+    if key_bias is not None:
+        scores = scores + key_bias.reshape(n_frames, 1, 1, lmax)
+    out = _bmm(_softmax_fp32(scores, q.dtype), v)
+    out = out.transpose(0, 2, 1, 3).reshape(n_frames * lmax, heads * dim)
+    if unpad_idx is not None:
+        out = ops.gather(out, unpad_idx, 0)
+    return out
+
+
+def decoder_attention(q, k, v, mask, scale, impl="eager"):
+    """Grouped-query attention.
+
+    q: [B, H, S, D]; k, v: [B, KVH, L, D]; mask: additive [B, 1, S, L] (0 or a large negative) or None.
+    Returns [B, S, H * D].
+    """
+    b, heads, s, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    n_rep = heads // kv_heads
+    # Fold the query heads of one KV head into the rows instead of repeating K and V n_rep times.
+    qg = q.reshape(b, kv_heads, n_rep * s, d)
+    scores = (_bmm_t(qg, k) * scale).astype(ms.float32).reshape(b, kv_heads, n_rep, s, length)
+    if mask is not None:
+        scores = scores + mask.reshape(b, 1, 1, s, length)
+    probs = _softmax_fp32(scores, q.dtype).reshape(b, kv_heads, n_rep * s, length)
+    out = _bmm(probs, v).reshape(b, heads, s, d)
+    return out.transpose(0, 2, 1, 3).reshape(b, s, heads * d)

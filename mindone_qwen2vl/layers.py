@@ -1,0 +1,75 @@
+"""Small cells shared by the vision tower and the decoder, with Hugging Face parameter names.
+
+MindSpore's own `nn.LayerNorm` / `nn.Embedding` name their parameters `gamma`/`beta` and
+`embedding_table`, and `mint.nn.LayerNorm` / `mint.nn.Embedding` have no CPU kernels. These cells keep
+HF's `weight`/`bias` so checkpoints load by name, and use only primitives that exist on CPU and Ascend.
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+# Norm parameters and norm arithmetic stay in float32 whatever the model dtype (see precision.py).
+NORM_DTYPE = ms.float32
+
+
+def _param(shape, dtype, init="zeros"):
+    # Zeros are placeholders: from_pretrained overwrites every parameter with set_data.
+    return Parameter(initializer(init, shape, dtype))
+
+
+class Linear(nn.Cell):
+    """y = x @ W^T + b with W stored [out, in] as in torch."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32, weight=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        # A shared Parameter (tied lm_head) is passed in as `weight`.
+        self.weight = weight if weight is not None else _param((out_features, in_features), dtype)
+        self.bias = _param((out_features,), dtype) if bias else None
+        # transpose_b keeps the weight in place: an explicit W.T is materialised on every call on CPU.
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]).astype(self.weight.dtype), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm computed in float32 (fp16 LayerNorm has no CPU kernel and loses precision on Ascend)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = _param((dim,), NORM_DTYPE, "ones")
+        self.bias = _param((dim,), NORM_DTYPE, "zeros")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        y = self.norm(x.astype(NORM_DTYPE), self.weight, self.bias)[0]
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nn.Cell):
+    """Qwen2's RMSNorm: normalise in float32, cast back, then scale (the order HF uses)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = _param((dim,), NORM_DTYPE, "ones")
+        self.eps = eps
+
+    def construct(self, x):
+        h = x.astype(ms.float32)
+        h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + self.eps)
+        return (self.weight * h.astype(x.dtype)).astype(x.dtype)
+
+
+class Embedding(nn.Cell):
+    def __init__(self, num_embeddings, dim, dtype=ms.float32):
+        super().__init__()
+        self.weight = _param((num_embeddings, dim), dtype)
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)

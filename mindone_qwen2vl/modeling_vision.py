@@ -1,0 +1,216 @@
+"""Qwen2-VL vision tower: Conv3d patch embedding, 2-D rotary, per-frame attention blocks, 2x2 PatchMerger.
+
+Everything that depends on the image sizes (rotary positions, which patches attend to which) is computed on
+the host in numpy by `vision_plan` before the call, so the tower itself is shape-static per input and
+compiles in graph mode.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from .attention import vision_attention
+from .config import Qwen2VLVisionConfig
+from .layers import LayerNorm, Linear
+
+
+@dataclass
+class VisionPlan:
+    """Host-side tables for one call of the tower (see `vision_plan`)."""
+
+    rot_pos: np.ndarray  # [N, 2] int32: (row, col) of each patch, patches in 2x2 merge-window order
+    frame_lens: np.ndarray  # [F] int64: patches per frame; attention never crosses a frame
+    gather_idx: Optional[np.ndarray]  # [F * Lmax] int32 into the N patches, or None when all frames are equal
+    key_bias: Optional[np.ndarray]  # [F, Lmax] float32: 0 for real keys, -inf-like for padding
+    unpad_idx: Optional[np.ndarray]  # [N] int32 from the padded [F * Lmax] rows back to the patches
+
+    @property
+    def max_len(self):
+        return int(self.frame_lens.max())
+
+    @property
+    def cu_seqlens(self):
+        return np.concatenate([[0], np.cumsum(self.frame_lens)]).astype(np.int64)
+
+
+def _merge_window_positions(h, w, merge):
+    # Patches arrive from the processor grouped by 2x2 merge window: window row, window col, row, col.
+    rows = np.arange(h).reshape(h // merge, merge, 1, 1)
+    cols = np.arange(w).reshape(1, 1, w // merge, merge)
+    rows = np.broadcast_to(rows, (h // merge, merge, w // merge, merge)).transpose(0, 2, 1, 3).reshape(-1)
+    cols = np.broadcast_to(cols, (h // merge, merge, w // merge, merge)).transpose(0, 2, 1, 3).reshape(-1)
+    return np.stack([rows, cols], axis=-1)
+
+
+def vision_plan(grid_thw, spatial_merge_size=2) -> VisionPlan:
+    """Rotary positions and the block-diagonal (per frame) attention layout for the given grids."""
+    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    for t, h, w in grid_thw:
+        if t < 1 or h % spatial_merge_size or w % spatial_merge_size:
+            raise ValueError(f"grid_thw row {[int(t), int(h), int(w)]}: t must be >= 1, h and w multiples of "
+                             f"{spatial_merge_size}")
+    rot_pos = np.concatenate(
+        [np.tile(_merge_window_positions(h, w, spatial_merge_size), (t, 1)) for t, h, w in grid_thw]
+    ).astype(np.int32)
+    frame_lens = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    lmax = int(frame_lens.max())
+    if (frame_lens == lmax).all():
+        return VisionPlan(rot_pos, frame_lens, None, None, None)
+    # Frames of different sizes: pad each to Lmax. Memory is F * Lmax^2 per head, the block diagonal only,
+    # never (sum of frames)^2.
+    n_frames = len(frame_lens)
+    starts = np.concatenate([[0], np.cumsum(frame_lens)[:-1]])
+    offs = np.arange(lmax)
+    valid = offs[None, :] < frame_lens[:, None]
+    gather_idx = np.where(valid, starts[:, None] + offs[None, :], 0).astype(np.int32).reshape(-1)
+    key_bias = np.where(valid, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    unpad_idx = (np.arange(n_frames)[:, None] * lmax + offs[None, :])[valid].astype(np.int32)
+    return VisionPlan(rot_pos, frame_lens, gather_idx, key_bias, unpad_idx)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class PatchEmbed(nn.Cell):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
+        super().__init__()
+        self.in_channels = config.in_channels
+        self.temporal_patch_size = config.temporal_patch_size
+        self.patch_size = config.patch_size
+        self.embed_dim = config.embed_dim
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.proj = nn.Conv3d(config.in_channels, config.embed_dim, kernel, stride=kernel, pad_mode="valid",
+                              has_bias=False, dtype=dtype)
+
+    def construct(self, x):
+        x = x.reshape(-1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)
+        x = self.proj(x.astype(self.proj.weight.dtype))
+        return x.reshape(-1, self.embed_dim)
+
+
+class VisionRotaryEmbedding(nn.Cell):
+    """cos/sin of the 2-D rotary: the first half of the frequencies follow the row, the second the column."""
+
+    def __init__(self, head_dim, theta=10000.0):
+        super().__init__()
+        dim = head_dim // 2
+        inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+        self.inv_freq = Tensor(inv_freq.astype(np.float32))
+
+    def construct(self, rot_pos):
+        pos = rot_pos.astype(ms.float32)
+        freqs = ops.cat((pos[:, 0:1] * self.inv_freq, pos[:, 1:2] * self.inv_freq), -1)
+        emb = ops.cat((freqs, freqs), -1)
+        return ops.cos(emb), ops.sin(emb)
+
+
+class VisionAttention(nn.Cell):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, attn_implementation="eager"):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.attn_implementation = attn_implementation
+        self.qkv = Linear(config.embed_dim, 3 * config.embed_dim, bias=True, dtype=dtype)
+        self.proj = Linear(config.embed_dim, config.embed_dim, bias=True, dtype=dtype)
+
+    def construct(self, x, cos, sin, layout):
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # Rotary in float32 whatever the compute dtype: the angles reach max(h, w) and lose bits in fp16.
+        cos = cos[:, None, :]
+        sin = sin[:, None, :]
+        qf = q.astype(ms.float32)
+        kf = k.astype(ms.float32)
+        q = (qf * cos + rotate_half(qf) * sin).astype(x.dtype)
+        k = (kf * cos + rotate_half(kf) * sin).astype(x.dtype)
+        out = vision_attention(q, k, v, layout, self.scale, self.attn_implementation)
+        return self.proj(out)
+
+
+class VisionMlp(nn.Cell):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
+        super().__init__()
+        hidden = int(config.embed_dim * config.mlp_ratio)
+        self.fc1 = Linear(config.embed_dim, hidden, dtype=dtype)
+        self.fc2 = Linear(hidden, config.embed_dim, dtype=dtype)
+
+    def construct(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * ops.sigmoid(1.702 * h))  # QuickGELU
+
+
+class Qwen2VLVisionBlock(nn.Cell):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, attn_implementation="eager"):
+        super().__init__()
+        self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(config, dtype, attn_implementation)
+        self.mlp = VisionMlp(config, dtype)
+
+    def construct(self, x, cos, sin, layout):
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Cell):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
+        super().__init__()
+        self.hidden = config.embed_dim * config.spatial_merge_size ** 2
+        self.ln_q = LayerNorm(config.embed_dim, eps=1e-6)
+        self.mlp = nn.SequentialCell(
+            [
+                Linear(self.hidden, self.hidden, dtype=dtype),
+                nn.GELU(approximate=False),
+                Linear(self.hidden, config.hidden_size, dtype=dtype),
+            ]
+        )
+
+    def construct(self, x):
+        # Consecutive rows are one 2x2 window (the processor's patch order), so a reshape merges them.
+        return self.mlp(self.ln_q(x).reshape(-1, self.hidden))
+
+
+class Qwen2VisionTransformer(nn.Cell):
+    """`visual.*` of the HF checkpoint. Call with the processor's flattened patches and a `vision_plan`."""
+
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, attn_implementation="eager"):
+        super().__init__()
+        self.config = config
+        self.spatial_merge_size = config.spatial_merge_size
+        self.patch_embed = PatchEmbed(config, dtype)
+        self.rotary_pos_emb = VisionRotaryEmbedding(config.head_dim)
+        self.blocks = nn.CellList(
+            [Qwen2VLVisionBlock(config, dtype, attn_implementation) for _ in range(config.depth)]
+        )
+        self.merger = PatchMerger(config, dtype)
+        self.dtype = dtype
+
+    def construct(self, pixel_values, rot_pos, frame_len=None, gather_idx=None, key_bias=None, unpad_idx=None):
+        x = self.patch_embed(pixel_values).astype(self.dtype)
+        cos, sin = self.rotary_pos_emb(rot_pos)
+        layout = (frame_len, gather_idx, key_bias, unpad_idx)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, layout)
+        return self.merger(x)
+
+    def plan_inputs(self, grid_thw):
+        """Host tables -> the arguments `construct` takes after the pixels."""
+        plan = vision_plan(grid_thw, self.spatial_merge_size)
+        return (Tensor(plan.rot_pos),) + attention_layout(plan)
+
+
+def attention_layout(plan: VisionPlan):
+    """The per-frame layout as the tower's trailing arguments: (frame_len, gather_idx, key_bias, unpad_idx).
+
+    Separate arguments, not one tuple: graph mode treats tensors inside a tuple argument as constants and
+    would recompile for every new image.
+    """
+    if plan.gather_idx is None:
+        return (plan.max_len, None, None, None)
+    return (None, Tensor(plan.gather_idx), Tensor(plan.key_bias), Tensor(plan.unpad_idx))
