@@ -1,2 +1,37 @@
 # mindspore first: importing decord before it aborts the process.
-import mindspore  # noqa: F401
+import mindspore as ms  # noqa: F401
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(params=["pynative", "graph"])
+def ms_mode(request):
+    """Runs a test once in PYNATIVE_MODE and once in GRAPH_MODE."""
+    mode = ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE
+    ms.set_context(mode=mode)
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    """(HF model, checkpoint folder) of a tiny random Qwen2-VL with tied embeddings, old key names."""
+    import tempfile
+
+    model = tiny.hf_model(tiny.hf_config(tied=True), seed=0)
+    folder = tempfile.mkdtemp(prefix="tiny_qwen2vl_")
+    tiny.save_checkpoint(model, folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ours(tiny_hf):
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
