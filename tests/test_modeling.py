@@ -1,0 +1,102 @@
+"""Whole-model logits against HF transformers (fp32), in pynative and graph mode."""
+import mindspore as ms
+import numpy as np
+import pytest
+
+from tiny import IMAGE, VIDEO, hf_logits, left_pad, random_pixels, rel_err, vision_block
+
+TOL = 1e-4
+IMG_A, IMG_B, VID = (1, 4, 6), (1, 8, 4), (3, 4, 4)
+
+
+def case_inputs(name):
+    """(inputs dict for both models, attention mask or None)."""
+    if name == "image":
+        ids = [[1, 2] + vision_block(IMAGE, IMG_A) + [3, 4, 5]]
+        return dict(input_ids=np.array(ids), pixel_values=random_pixels([IMG_A], 2), image_grid_thw=np.array([IMG_A]))
+    if name == "several_images":
+        ids = [[1] + vision_block(IMAGE, IMG_A) + [2] + vision_block(IMAGE, IMG_B) + [3]]
+        grid = np.array([IMG_A, IMG_B])
+        return dict(input_ids=np.array(ids), pixel_values=random_pixels(grid, 3), image_grid_thw=grid)
+    if name == "video":
+        ids = [[1, 2] + vision_block(VIDEO, VID) + [3, 4]]
+        return dict(input_ids=np.array(ids), pixel_values_videos=random_pixels([VID], 4),
+                    video_grid_thw=np.array([VID]))
+    if name == "text_only":
+        return dict(input_ids=np.array([[151644, 872, 198, 74785, 419, 2168, 13, 151645]]))
+    if name == "mixed_left_padded_batch":
+        ids, mask = left_pad([
+            [1, 2] + vision_block(IMAGE, IMG_A) + [3],
+            [7] + vision_block(VIDEO, VID) + [8, 9],
+            [4, 5, 6],
+            vision_block(IMAGE, IMG_B) + [9],
+        ])
+        grid = np.array([IMG_A, IMG_B])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=random_pixels(grid, 5), image_grid_thw=grid,
+                    pixel_values_videos=random_pixels([VID], 6), video_grid_thw=np.array([VID]))
+    raise KeyError(name)
+
+
+CASES = ["image", "several_images", "video", "text_only", "mixed_left_padded_batch"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_hf(tiny_hf, tiny_ours, ms_mode, case):
+    inputs = case_inputs(case)
+    ours = tiny_ours(**inputs).logits
+    assert isinstance(ours, ms.Tensor) and ours.dtype == ms.float32
+    ref = hf_logits(tiny_hf[0], **inputs)
+    assert ours.shape == ref.shape
+    mask = inputs.get("attention_mask")
+    err = rel_err(ours.asnumpy(), ref, mask)
+    print(f"{case} [{ms_mode}]: relative error {err:.2e}")
+    assert err < TOL
+    assert (ours.asnumpy().argmax(-1) == ref.argmax(-1))[mask.astype(bool) if mask is not None else ...].all()
+
+
+def test_pynative_and_graph_agree(tiny_ours):
+    inputs = case_inputs("mixed_left_padded_batch")
+    try:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        a = tiny_ours(**inputs).logits.asnumpy()
+        ms.set_context(mode=ms.GRAPH_MODE)
+        b = tiny_ours(**inputs).logits.asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    err = rel_err(a, b, inputs["attention_mask"])
+    print(f"pynative vs graph: {err:.2e}")
+    assert err < 1e-6
+
+
+@pytest.mark.parametrize("convert", [
+    lambda a: a.astype(np.int32),
+    lambda a: a.astype(np.int64),
+    lambda a: ms.Tensor(a.astype(np.int32)),
+    lambda a: ms.Tensor(a.astype(np.int64)),
+], ids=["np_int32", "np_int64", "ms_int32", "ms_int64"])
+def test_forward_takes_numpy_and_tensors(tiny_ours, convert):
+    inputs = case_inputs("image")
+    base = tiny_ours(**inputs).logits.asnumpy()
+    inputs = {k: (convert(v) if k in ("input_ids", "image_grid_thw") else ms.Tensor(v)) for k, v in inputs.items()}
+    np.testing.assert_array_equal(tiny_ours(**inputs).logits.asnumpy(), base)
+
+
+def test_rope_deltas_returned(tiny_ours):
+    inputs = case_inputs("video")
+    out = tiny_ours(**inputs)
+    # 2 text + start + 3x2x2 video tokens (positions span max(3, 2, 2)) + end + 2 text.
+    assert out.rope_deltas.tolist() == [[(2 + 1 + 3 + 1 + 2) - (2 + 1 + 12 + 1 + 2)]]
+
+
+def test_mismatched_image_tokens_and_features(tiny_ours):
+    inputs = case_inputs("image")
+    inputs["input_ids"] = np.array([[1, 2] + vision_block(IMAGE, IMG_A)[:-3] + [151653]])
+    with pytest.raises(ValueError, match=r"Image features and image tokens do not match: tokens: 4, features: 6"):
+        tiny_ours(**inputs)
+
+
+def test_video_tokens_without_pixels(tiny_ours):
+    inputs = case_inputs("video")
+    inputs.pop("pixel_values_videos")
+    with pytest.raises(ValueError, match="video tokens but no video pixel values"):
+        tiny_ours(**inputs)

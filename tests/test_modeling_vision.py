@@ -1,0 +1,68 @@
+"""The vision tower alone against HF's, and the host-side layout it relies on."""
+import numpy as np
+import pytest
+import torch
+
+from mindone_qwen2vl.modeling_vision import vision_plan
+from tiny import random_pixels, rel_err
+
+GRIDS = {
+    "one_image": [(1, 4, 6)],
+    "images_of_different_sizes": [(1, 4, 6), (1, 8, 4), (1, 2, 2)],
+    "video_several_temporal_patches": [(3, 4, 4)],
+    "image_and_video": [(1, 6, 4), (2, 4, 8)],
+}
+
+
+def hf_visual(hf_model, pixels, grid):
+    with torch.no_grad():
+        return hf_model.model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grid)).numpy()
+
+
+@pytest.mark.parametrize("case", sorted(GRIDS))
+def test_vision_tower_matches_hf(tiny_hf, tiny_ours, ms_mode, case):
+    grid = np.array(GRIDS[case])
+    pixels = random_pixels(grid, seed=1)
+    ours = tiny_ours.get_vision_features(pixels, grid).asnumpy()
+    ref = hf_visual(tiny_hf[0], pixels, grid)
+    assert ours.shape == ref.shape == (grid.prod(-1).sum() // 4, 64)
+    assert rel_err(ours, ref) < 1e-5
+
+
+def test_vision_rotary_frequencies_equal_hf(tiny_hf, tiny_ours):
+    ref = tiny_hf[0].model.visual.rotary_pos_emb.inv_freq.numpy()
+    np.testing.assert_array_equal(tiny_ours.visual.rotary_pos_emb.inv_freq.asnumpy(), ref)
+
+
+def test_plan_orders_positions_by_merge_window():
+    plan = vision_plan([(1, 2, 4)])
+    # 2x4 patches in 2x2 windows: window (0,0) then window (0,1), each row-major inside.
+    assert plan.rot_pos.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
+
+
+def test_plan_is_block_diagonal_per_frame():
+    plan = vision_plan([(2, 2, 2), (1, 4, 2)])
+    assert plan.frame_lens.tolist() == [4, 4, 8]
+    assert plan.cu_seqlens.tolist() == [0, 4, 8, 16]
+    # Frames padded to the longest (8): padding keys are masked, real rows come back in order.
+    assert plan.key_bias.shape == (3, 8)
+    assert (plan.key_bias[0, :4] == 0).all() and (plan.key_bias[0, 4:] < -1e30).all()
+    assert (plan.key_bias[2] == 0).all()
+    padded_rows = plan.gather_idx.reshape(3, 8)
+    assert padded_rows[1, :4].tolist() == [4, 5, 6, 7]
+    assert padded_rows.reshape(-1)[plan.unpad_idx].tolist() == list(range(16))
+
+
+def test_plan_needs_no_padding_for_equal_frames():
+    plan = vision_plan([(4, 4, 4)])
+    assert plan.gather_idx is None and plan.max_len == 16
+
+
+def test_plan_rejects_odd_grid():
+    with pytest.raises(ValueError, match="multiples of 2"):
+        vision_plan([(1, 3, 4)])
+
+
+def test_pixels_that_do_not_match_the_grid(tiny_ours):
+    with pytest.raises(ValueError, match="do not match grid_thw"):
+        tiny_ours.get_vision_features(random_pixels([(1, 4, 4)]), [(1, 4, 6)])
