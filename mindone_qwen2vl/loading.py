@@ -73,7 +73,6 @@ class SafetensorsFile:
             if end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize or self.data_start + end > size:
                 raise ValueError(f"{path}: tensor {key} is truncated or its offsets are corrupt")
             self.entries[key] = (dtype, shape, begin, end)
-        self._map = None
 
     def keys(self):
         return self.entries.keys()
@@ -85,18 +84,20 @@ class SafetensorsFile:
         return self.entries[key][0]
 
     def get(self, key) -> np.ndarray:
-        """The tensor as numpy; bfloat16 comes back widened to float32 (exact)."""
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """A fresh array for the tensor; bfloat16 comes back widened to float32 (exact).
+
+        A plain read, not a memory map: mapped pages would stay resident beside the parameters and double
+        the peak memory of a load.
+        """
         dtype, shape, begin, end = self.entries[key]
-        raw = self._map[self.data_start + begin:self.data_start + end]
-        arr = raw.view(_ST_DTYPES[dtype]).reshape(shape)
+        raw_dtype = _ST_DTYPES[dtype]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            arr = np.fromfile(f, dtype=raw_dtype, count=(end - begin) // np.dtype(raw_dtype).itemsize)
+        arr = arr.reshape(shape)
         if dtype == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
-
-    def close(self):
-        self._map = None
 
 
 def checkpoint_files(folder) -> List[str]:
@@ -187,10 +188,19 @@ def load_weights(model, folder, progress=True):
     order = sorted(plan.items(), key=lambda kv: (readers.index(kv[1][0]), kv[1][0].entries[kv[1][1]][2]))
     for name, (reader, key) in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
         param = params[name]
-        param.set_data(Tensor(reader.get(key), dtype=param.dtype))
-    for reader in readers:
-        reader.close()
+        param.set_data(to_tensor(reader.get(key), param.dtype))
     return model
+
+
+_NP_OF_MS = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64}
+
+
+def to_tensor(arr, dtype):
+    """numpy -> Tensor of `dtype` without a second full copy where numpy can cast (fp32/fp16)."""
+    if dtype in _NP_OF_MS:
+        arr = np.ascontiguousarray(arr, dtype=_NP_OF_MS[dtype])
+        return Tensor.from_numpy(arr)  # shares arr's memory: the array becomes the parameter's storage
+    return Tensor(arr, dtype=dtype)  # bfloat16: numpy has no such dtype, MindSpore casts
 
 
 def load_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation="eager", progress=True):

@@ -199,3 +199,33 @@ def test_one_layer_at_real_2b_widths(tmp_path):
     err = rel_err(ours(**inputs).logits.asnumpy(), hf_logits(hf, **inputs))
     print(f"2B widths: relative error {err:.2e}")
     assert err < 1e-4
+
+
+_PEAK_SCRIPT = """
+import mindspore, os, sys
+from mindone_qwen2vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from mindone_qwen2vl.loading import load_weights
+folder = sys.argv[1]
+model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(folder))
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current RSS: the import's transient peak does not count
+before = status("VmRSS")
+load_weights(model, folder, progress=False)
+print(status("VmHWM") - before)
+"""
+
+
+def test_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
+    import subprocess
+    import sys
+
+    hf = hf_model(hf_config(tied=False, hidden=256, intermediate=512, heads=4, kv_heads=2, mrope_section=(8, 12, 12)), seed=5)
+    folder = save_checkpoint(hf, str(tmp_path / "big"), max_shard_size="100MB")
+    weights = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, folder], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth = int(out.stdout.strip().splitlines()[-1])
+    print(f"weights {weights / 2**20:.0f} MiB, peak growth while loading {growth / 2**20:.0f} MiB")
+    assert growth < 1.15 * weights
