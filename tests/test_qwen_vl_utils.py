@@ -26,11 +26,16 @@ JPG = os.path.join(ASSETS, "1.jpg")  # 300x168
 BIG = os.path.join(ASSETS, "test.jpg")  # 1000x747
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep request lines out of the test output
+        pass
+
+
+
 @pytest.fixture(scope="module")
 def http_assets():
     """Base URL of a local HTTP server (a thread) serving tests/assets."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=ASSETS)
-    handler.log_message = lambda *args: None
+    handler = functools.partial(QuietHandler, directory=ASSETS)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -24,6 +24,12 @@ V4 = os.path.join(ASSETS, "4.mp4")  # 224x224, 30 fps, 150 frames
 V3 = os.path.join(ASSETS, "3.mp4")  # 640x360, 23.976 fps, 146 frames
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep request lines out of the test output
+        pass
+
+
+
 def decode_all(path):
     """Every frame, decoded independently of the package (PyAV, sequential)."""
     import av
@@ -214,8 +220,7 @@ def test_nframes_outside_video_and_both_fps_and_nframes():
 
 
 def test_video_over_http(frames4):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=ASSETS)
-    handler.log_message = lambda *args: None
+    handler = functools.partial(QuietHandler, directory=ASSETS)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"

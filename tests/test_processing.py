@@ -1,0 +1,180 @@
+"""Qwen2VLProcessor, images and text: equal to Hugging Face's image processor and tokenizer."""
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+from mindone_qwen2vl import Qwen2VLProcessor
+from mindone_qwen2vl.qwen_vl_utils import process_vision_info
+
+MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "mindone_qwen2vl", "assets", "qwen2-vl-2b-instruct")
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+IMAGES = [os.path.join(ASSETS, name) for name in ("1.jpg", "2.jpg", "test.jpg")]
+IMAGE_PAD, PAD_ID = "<|image_pad|>", 151643
+
+LIMITS = {
+    "default": {},
+    "raised": {"min_pixels": 1024 * 28 * 28, "max_pixels": 4096 * 28 * 28},  # every test image scaled up
+    "lowered": {"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28},  # every test image scaled down
+}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Qwen2VLProcessor.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+def raw_images():
+    return [Image.open(path).convert("RGB") for path in IMAGES]
+
+
+def prompt(n_images, question="Describe."):
+    vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{vision}{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def expanded(text, grids, token=IMAGE_PAD):
+    """The prompt with each placeholder repeated t*h*w/4 times, written independently of the processor."""
+    pieces = text.split(token)
+    assert len(pieces) == len(grids) + 1
+    out = pieces[0]
+    for grid, piece in zip(grids, pieces[1:]):
+        out += token * (int(np.prod(grid)) // 4) + piece
+    return out
+
+
+@pytest.mark.parametrize("limits", list(LIMITS))
+def test_images_equal_hf_image_processor(limits, hf_tokenizer):
+    ours = Qwen2VLProcessor.from_pretrained(MODEL_DIR, **LIMITS[limits])
+    hf = Qwen2VLImageProcessor.from_pretrained(MODEL_DIR, **LIMITS[limits])
+    images = raw_images()
+    text = prompt(3)
+    out = ours(text=[text], images=images, return_tensors="np")
+    ref = hf(images=images, return_tensors="np")
+    assert out["pixel_values"].dtype == np.float32
+    np.testing.assert_array_equal(out["pixel_values"], ref["pixel_values"])
+    np.testing.assert_array_equal(out["image_grid_thw"], ref["image_grid_thw"])
+    ids = hf_tokenizer([expanded(text, ref["image_grid_thw"])], return_tensors="np")
+    np.testing.assert_array_equal(out["input_ids"], ids["input_ids"])
+    np.testing.assert_array_equal(out["attention_mask"], ids["attention_mask"])
+    # The limits really apply: every image lands inside them.
+    pixels = ref["image_grid_thw"][:, 1:].prod(axis=1) * 14 * 14
+    if limits != "default":
+        assert (pixels >= LIMITS[limits]["min_pixels"]).all() and (pixels <= LIMITS[limits]["max_pixels"]).all()
+
+
+def test_grids_by_hand(processor):
+    out = processor(images=raw_images(), return_tensors="np")
+    # 168x300 -> 168x308, 199x300 -> 196x308, 747x1000 -> 756x1008, in 14-pixel patches
+    np.testing.assert_array_equal(out["image_grid_thw"], [[1, 12, 22], [1, 14, 22], [1, 54, 72]])
+    assert out["pixel_values"].shape == (12 * 22 + 14 * 22 + 54 * 72, 3 * 2 * 14 * 14)
+
+
+def test_per_call_pixel_limits(processor):
+    hf = Qwen2VLImageProcessor.from_pretrained(MODEL_DIR, **LIMITS["lowered"])
+    out = processor(images=raw_images(), **LIMITS["lowered"])
+    np.testing.assert_array_equal(out["pixel_values"], hf(images=raw_images())["pixel_values"])
+    assert processor.image_processor.min_pixels == 3136  # the call did not change the processor
+
+
+def test_qwen_vl_utils_pipeline_batch_left_padded(processor, hf_tokenizer):
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "Hi"}]}],
+        [{"role": "user", "content": [{"type": "image", "image": IMAGES[1]}, {"type": "image", "image": IMAGES[2],
+                                       "max_pixels": 100 * 28 * 28}, {"type": "text", "text": "Compare them."}]}],
+    ]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+    assert texts == [prompt(1, "Hi"), prompt(2, "Compare them.")]
+    images, videos = process_vision_info(messages)
+    assert videos is None
+    out = processor(text=texts, images=images, padding=True, return_tensors="np")
+    ref = Qwen2VLImageProcessor.from_pretrained(MODEL_DIR)(images=images, return_tensors="np")
+    np.testing.assert_array_equal(out["pixel_values"], ref["pixel_values"])
+    grids = ref["image_grid_thw"]
+    expected = [expanded(texts[0], grids[:1]), expanded(texts[1], grids[1:])]
+    ids = hf_tokenizer(expected, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(out["input_ids"], ids["input_ids"])
+    np.testing.assert_array_equal(out["attention_mask"], ids["attention_mask"])
+    short = out["attention_mask"][0]
+    assert short[0] == 0 and short[-1] == 1  # left padding: prompts end together
+    assert (out["input_ids"][0][short == 0] == PAD_ID).all()
+    n_tokens = [(row == processor.image_token_id).sum() for row in out["input_ids"]]
+    assert n_tokens == [grids[0].prod() // 4, grids[1:].prod(axis=1).sum() // 4]
+
+
+def test_return_types(processor):
+    image = raw_images()[0]
+    plain = processor(text=prompt(1), images=image)
+    assert isinstance(plain["input_ids"], list) and isinstance(plain["pixel_values"], np.ndarray)
+    out = processor(text=[prompt(1)], images=[image], return_tensors="ms")
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        assert isinstance(out[key], ms.Tensor), key
+    assert out["input_ids"].dtype == ms.int64 and out["pixel_values"].dtype == ms.float32
+    np.testing.assert_array_equal(out["input_ids"].asnumpy()[0], plain["input_ids"][0])
+    np.testing.assert_array_equal(out["pixel_values"].asnumpy(), plain["pixel_values"])
+    vision_only = processor(images=[image], return_tensors="np")
+    assert set(vision_only) == {"pixel_values", "image_grid_thw"}
+
+
+def test_image_paths_and_arrays_in_call(processor):
+    from_pil = processor(images=raw_images()[:1])["pixel_values"]
+    np.testing.assert_array_equal(processor(images=IMAGES[:1])["pixel_values"], from_pil)
+    np.testing.assert_array_equal(processor(images=[np.asarray(raw_images()[0])])["pixel_values"], from_pil)
+    nested = processor(images=[[raw_images()[0]], [raw_images()[1]]])  # one list per sample
+    np.testing.assert_array_equal(nested["pixel_values"], processor(images=raw_images()[:2])["pixel_values"])
+
+
+def test_decode(processor, hf_tokenizer):
+    ids = hf_tokenizer(["Hello world<|im_end|>", "A cat."], padding=True, return_tensors="np")["input_ids"]
+    assert processor.batch_decode(ids) == ["Hello world", "A cat."]
+    assert processor.batch_decode(ms.Tensor(ids)) == ["Hello world", "A cat."]
+    assert processor.decode(ms.Tensor(ids[0]), skip_special_tokens=False) == "Hello world<|im_end|>"
+    assert processor.post_process_image_text_to_text(ids) == ["Hello world", "A cat."]
+
+
+def test_model_input_names(processor):
+    names = processor.model_input_names
+    assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= set(names)
+    assert {"pixel_values_videos", "video_grid_thw"} <= set(names)
+
+
+# ---- bad input ----
+
+def test_more_images_than_placeholders(processor):
+    with pytest.raises(ValueError, match=r"2 image\(s\) were given but the text holds 1 <\|image_pad\|>.*image 2 has no"):
+        processor(text=prompt(1), images=raw_images()[:2])
+
+
+def test_fewer_images_than_placeholders(processor):
+    with pytest.raises(ValueError, match=r"1 image\(s\) were given but the text holds 3 .*placeholder 2 has no image"):
+        processor(text=[prompt(1), prompt(2)], images=raw_images()[:1])
+    with pytest.raises(ValueError, match=r"0 image\(s\) were given but the text holds 1"):
+        processor(text=prompt(1))
+
+
+def test_aspect_ratio_over_200_names_the_image(processor):
+    strip = Image.fromarray(np.zeros((10, 2500, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image 1 \(<PIL image RGB 2500x10>\): .*aspect ratio.*got 250"):
+        processor(text=prompt(2), images=[raw_images()[0], strip])
+
+
+def test_missing_image_path_in_call(processor, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        processor(text=prompt(1), images=[str(tmp_path / "nope.jpg")])
+
+
+def test_truncation_inside_vision_tokens(processor):
+    with pytest.raises(ValueError, match=r"truncation cut <\|image_pad\|> tokens \(66 in the text, \d+ kept\)"):
+        processor(text=prompt(1), images=raw_images()[:1], truncation=True, max_length=50)
