@@ -289,7 +289,7 @@ class Qwen2VLProcessor:
         padding=False,
         truncation=None,
         max_length=None,
-        return_tensors=None,
+        return_tensors="np",
         min_pixels=None,
         max_pixels=None,
         **kwargs,
@@ -299,8 +299,9 @@ class Qwen2VLProcessor:
 
         ``images``: one image or a (nested) list of PIL images, arrays or image paths/URLs, in
         placeholder order across the batch. ``videos``: a list of videos, each a ``(T, C, H, W)`` or
-        ``(T, H, W, C)`` array or a list of frames. ``return_tensors``: None (lists and arrays), "np"
-        or "ms". ``min_pixels``/``max_pixels`` override the processors' limits for this call.
+        ``(T, H, W, C)`` array or a list of frames. ``return_tensors``: "np" (the default; HF's default
+        is None), "ms" for mindspore Tensors, or None for token id lists as in HF.
+        ``min_pixels``/``max_pixels`` override the processors' limits for this call.
         """
         limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         data = {}
@@ -340,7 +341,7 @@ class Qwen2VLProcessor:
         add_generation_prompt=False,
         tokenize=False,
         return_dict=False,
-        return_tensors=None,
+        return_tensors="np",
         padding=False,
         truncation=None,
         max_length=None,

@@ -116,8 +116,11 @@ def test_qwen_vl_utils_pipeline_batch_left_padded(processor, hf_tokenizer):
 
 def test_return_types(processor):
     image = raw_images()[0]
-    plain = processor(text=prompt(1), images=image)
-    assert isinstance(plain["input_ids"], list) and isinstance(plain["pixel_values"], np.ndarray)
+    plain = processor(text=prompt(1), images=image)  # numpy by default
+    assert isinstance(plain["input_ids"], np.ndarray) and isinstance(plain["pixel_values"], np.ndarray)
+    assert plain["input_ids"].dtype == np.int64 and plain["input_ids"].shape[0] == 1
+    as_lists = processor(text=prompt(1), images=image, return_tensors=None)  # HF's default: lists of ids
+    assert as_lists["input_ids"] == plain["input_ids"].tolist()
     out = processor(text=[prompt(1)], images=[image], return_tensors="ms")
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
         assert isinstance(out[key], ms.Tensor), key

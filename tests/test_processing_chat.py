@@ -121,7 +121,7 @@ def test_tokenize_return_dict_with_url_path_and_video(processor, http_assets):
     np.testing.assert_array_equal(out["input_ids"], ids["input_ids"])
     # return_dict=False gives the ids alone
     ids_only = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, fps=1)
-    assert ids_only == ids["input_ids"].tolist()
+    np.testing.assert_array_equal(ids_only, ids["input_ids"])
 
 
 def test_tokenize_item_options(processor):
