@@ -145,6 +145,8 @@ class Qwen2VLVideoProcessor:
     def __call__(self, videos, min_pixels=None, max_pixels=None, return_tensors=None, **unused):
         if not isinstance(videos, (list, tuple)) or (videos and _is_frame(videos[0])):
             videos = [videos]  # one video: an array, or a list of frames
+        if not videos:
+            raise ValueError("videos is empty: give None when there are no videos")
         min_pixels = self.min_pixels if min_pixels is None else min_pixels
         max_pixels = self.max_pixels if max_pixels is None else max_pixels
         all_patches, grids = [], []

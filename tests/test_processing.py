@@ -156,7 +156,7 @@ def test_model_input_names(processor):
 # ---- bad input ----
 
 def test_more_images_than_placeholders(processor):
-    with pytest.raises(ValueError, match=r"2 image\(s\) were given but the text holds 1 <\|image_pad\|>.*image 2 has no"):
+    with pytest.raises(ValueError, match=r"2 image\(s\) were given but the text holds 1 <\|image_pad\|>.*image 2 has"):
         processor(text=prompt(1), images=raw_images()[:2])
 
 

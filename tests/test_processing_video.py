@@ -105,7 +105,7 @@ def test_processor_with_video_and_image(videos):
 def test_video_placeholder_mismatch(videos):
     processor = Qwen2VLProcessor.from_pretrained(MODEL_DIR)
     text = "<|vision_start|><|video_pad|><|vision_end|>"
-    with pytest.raises(ValueError, match=r"2 video\(s\) were given but the text holds 1 <\|video_pad\|>.*video 2 has no"):
+    with pytest.raises(ValueError, match=r"2 video\(s\) were given but the text holds 1 <\|video_pad\|>.*video 2 has"):
         processor(text=text, videos=videos[:2])
     with pytest.raises(ValueError, match=r"1 video\(s\) were given but the text holds 2 .*placeholder 2 has no video"):
         processor(text=text * 2, videos=videos[:1])
@@ -119,5 +119,7 @@ def test_bad_video_arrays():
         vp([np.zeros((2, 56, 56, 3), np.uint8), np.full((2, 56, 56, 3), 0.5, np.float32)])
     with pytest.raises(ValueError, match="video 0: expected a 4-D array or a non-empty list of frames"):
         vp([[]])
+    with pytest.raises(ValueError, match="videos is empty"):
+        vp([])
     with pytest.raises(ValueError, match="video 0: .*aspect ratio must be smaller than 200"):
         vp([np.zeros((2, 3, 4, 1000), np.uint8)])

@@ -232,3 +232,24 @@ def test_video_over_http(frames4):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_truncated_video(tmp_path):
+    """A file whose header promises 150 frames but whose data stops early: an error, never short output."""
+    import av
+
+    faststart = tmp_path / "faststart.mp4"  # index first, so that the header survives truncation
+    with av.open(V4) as src, av.open(str(faststart), "w", options={"movflags": "faststart"}) as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * 0.6)])
+    with pytest.raises(ValueError, match=r"video .*truncated.mp4' ended before frame \d+ \(it claims 150 frames\)"):
+        VideoReader(str(truncated), "av").get_frames(range(0, 150, 10))
+    with pytest.raises(ValueError, match=r"cannot decode video .*truncated.mp4' \(decord\)"):
+        VideoReader(str(truncated), "decord")
+    with pytest.raises(ValueError, match="truncated.mp4"):  # decord fails, PyAV takes over, then stops short
+        fetch_video({"video": str(truncated)})

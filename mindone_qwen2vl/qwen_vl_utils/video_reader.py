@@ -106,25 +106,31 @@ class VideoReader:
         desc = f"decoding {os.path.basename(self.path)}"
         try:
             if self.backend == "decord":
-                return self._frames_decord(indices, show, desc)
-            return self._frames_av(indices, show, desc)
-        except ValueError:
-            raise
-        except Exception as err:
+                frames = self._frames_decord(indices, show, desc)
+            else:
+                frames = self._frames_av(indices, show, desc)
+        except Exception as err:  # PyAV's decode errors are ValueErrors too, but do not name the file
             raise ValueError(f"cannot decode frames of video {self.path!r} ({self.backend}): {err}") from err
+        missing = [indices[pos] for pos, frame in enumerate(frames) if frame is None]
+        if missing:
+            raise ValueError(
+                f"video {self.path!r} ended before frame {missing[0]} (it claims {self.num_frames} frames)"
+            )
+        return np.stack(frames)
 
     def _frames_decord(self, indices, show, desc):
         chunks = []
         with tqdm(total=len(indices), desc=desc, unit="frame", disable=not show) as bar:
             for i in range(0, len(indices), DECORD_BATCH):
                 batch = indices[i : i + DECORD_BATCH]
-                chunks.append(self._vr.get_batch(batch).asnumpy())
+                chunks.extend(self._vr.get_batch(batch).asnumpy())
                 bar.update(len(batch))
-        return np.concatenate(chunks)
+        return chunks
 
     def _frames_av(self, indices, show, desc):
         import av
 
+        # Frames not reached (a stream shorter than its header says) stay None.
         wanted = {}
         for pos, index in enumerate(indices):
             wanted.setdefault(index, []).append(pos)
@@ -143,9 +149,4 @@ class VideoReader:
                 bar.update(1)
                 if index >= last:
                     break
-        missing = [indices[p] for p, f in enumerate(out) if f is None]
-        if missing:
-            raise ValueError(
-                f"video {self.path!r} ended before frame {missing[0]} (it claims {self.num_frames} frames)"
-            )
-        return np.stack(out)
+        return out
