@@ -259,6 +259,17 @@ class Qwen2VLProcessor:
                 chat_template = json.load(f)["chat_template"]
         return cls(image_processor, tokenizer, video_processor, chat_template=chat_template)
 
+    def save_pretrained(self, save_directory):
+        """Tokenizer files, ``preprocessor_config.json`` and ``chat_template.json``, readable by
+        ``from_pretrained`` here and in HF."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        if self.chat_template is not None:
+            with open(os.path.join(save_directory, "chat_template.json"), "w", encoding="utf-8") as f:
+                json.dump({"chat_template": self.chat_template}, f, indent=2, ensure_ascii=False)
+        return save_directory
+
     @property
     def model_input_names(self):
         names = list(self.tokenizer.model_input_names)

@@ -147,6 +147,19 @@ def test_decode(processor, hf_tokenizer):
     assert processor.post_process_image_text_to_text(ids) == ["Hello world", "A cat."]
 
 
+def test_save_pretrained_round_trip(tmp_path):
+    ours = Qwen2VLProcessor.from_pretrained(MODEL_DIR, **LIMITS["lowered"])
+    ours.save_pretrained(str(tmp_path))
+    again = Qwen2VLProcessor.from_pretrained(str(tmp_path))
+    assert (again.image_processor.min_pixels, again.image_processor.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
+    assert (again.video_processor.min_pixels, again.video_processor.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
+    assert again.chat_template == ours.chat_template
+    a = ours(text=prompt(1), images=raw_images()[:1])
+    b = again(text=prompt(1), images=raw_images()[:1])
+    np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
 def test_model_input_names(processor):
     names = processor.model_input_names
     assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= set(names)
