@@ -12,6 +12,15 @@ from mindspore import ops
 
 ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2")
 
+# The flash kernel, looked up at call time so that CPU tests can put an emulation of its documented
+# semantics in its place (tests/flash_emulation.py); on Ascend it is always MindSpore's own.
+FLASH_KERNEL = {"fn": None}
+
+
+def flash_kernel():
+    fn = FLASH_KERNEL["fn"]
+    return fn if fn is not None else ops.flash_attention_score
+
 _bmm_t = ops.BatchMatMul(transpose_b=True)
 _bmm = ops.BatchMatMul()
 
@@ -22,14 +31,21 @@ def _softmax_fp32(scores, dtype):
     return ops.softmax(scores, -1).astype(dtype)
 
 
-def vision_attention(q, k, v, layout, scale, impl="eager"):
+def vision_attention(q, k, v, layout, scale, impl="eager", flash_dtype=ms.float16):
     """q, k, v: [N, heads, head_dim] for all patches of all frames -> [N, heads * head_dim].
 
-    layout (from modeling_vision.attention_layout): (frame_len, gather_idx, key_bias, unpad_idx); frame_len
-    is the common frame length when all frames are equal, else the three tables pad frames to the longest.
+    layout (from modeling_vision.attention_layout): (frame_len, gather_idx, key_bias, unpad_idx, frame_ends).
+    eager: frame_len is the common frame length when all frames are equal, else the three tables pad frames
+    to the longest. flash: frame_ends, the cumulative frame lengths, are the kernel's actual_seq_qlen/kvlen
+    in the TND layout (one variable-length sequence per frame, no mask).
     """
     n, heads, dim = q.shape
-    frame_len, gather_idx, key_bias, unpad_idx = layout
+    frame_len, gather_idx, key_bias, unpad_idx, frame_ends = layout
+    if impl == "flash_attention_2":
+        out = flash_kernel()(q.astype(flash_dtype), k.astype(flash_dtype), v.astype(flash_dtype), heads,
+                             actual_seq_qlen=frame_ends, actual_seq_kvlen=frame_ends, scalar_value=scale,
+                             input_layout="TND")
+        return out.astype(q.dtype).reshape(n, heads * dim)
     if gather_idx is None:
         n_frames, lmax = n // frame_len, frame_len
     else:
@@ -51,7 +67,7 @@ def vision_attention(q, k, v, layout, scale, impl="eager"):
     return out
 
 
-def decoder_attention(q, k, v, mask, scale, impl="eager"):
+def decoder_attention(q, k, v, mask, scale, impl="eager", flash_dtype=ms.float16):
     """Grouped-query attention.
 
     q: [B, H, S, D]; k, v: [B, KVH, L, D]; mask: additive [B, 1, S, L] (0 or a large negative) or None.
@@ -59,6 +75,13 @@ def decoder_attention(q, k, v, mask, scale, impl="eager"):
     """
     b, heads, s, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
+    if impl == "flash_attention_2":
+        # BNSD with the KV heads as they are (the kernel takes N2 dividing N1); its mask is boolean, True
+        # where a key is discarded, the causal and padding pattern of the additive mask.
+        discard = None if mask is None else mask < -1.0
+        out = flash_kernel()(q.astype(flash_dtype), k.astype(flash_dtype), v.astype(flash_dtype), heads,
+                             attn_mask=discard, scalar_value=scale, input_layout="BNSD", sparse_mode=0)
+        return out.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b, s, heads * d)
     n_rep = heads // kv_heads
     # Fold the query heads of one KV head into the rows instead of repeating K and V n_rep times.
     qg = q.reshape(b, kv_heads, n_rep * s, d)

@@ -8,8 +8,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-# Norm parameters and norm arithmetic stay in float32 whatever the model dtype (see precision.py).
-NORM_DTYPE = ms.float32
+
+from .precision import NORM_DTYPE
 
 
 def _param(shape, dtype, init="zeros"):

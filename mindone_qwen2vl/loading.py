@@ -3,6 +3,7 @@
 Checkpoint names are mapped to ours by an explicit table of anchored patterns (both HF naming schemes), the
 whole set of names and shapes is checked against the model from the file headers before any data is read,
 then tensors are read one at a time from memory-mapped files, so peak memory is about one copy of the weights.
+A folder holds HF safetensors, or the MindSpore .ckpt / safetensors shards scripts/convert_weights.py writes.
 """
 import json
 import os
@@ -26,6 +27,9 @@ _IGNORED = re.compile(r"(^|\.)(rotary_emb|rotary_pos_emb)\.inv_freq$")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+# MindSpore checkpoints written by scripts/convert_weights.py: .ckpt shards with an index of the same layout.
+CKPT_INDEX = "model.ckpt.index.json"
+CKPT_SINGLE = "model.ckpt"
 
 
 def canonical_name(name: str) -> str:
@@ -100,28 +104,197 @@ class SafetensorsFile:
         return arr
 
 
-def checkpoint_files(folder) -> List[str]:
-    """The weight files of a checkpoint folder, from its index when sharded."""
-    index = os.path.join(folder, SAFETENSORS_INDEX)
-    if os.path.exists(index):
+# ---------------------------------------------------------------------------------------------- MindSpore .ckpt
+_CKPT_DTYPES = {"Float64": "F64", "Float32": "F32", "Float16": "F16", "BFloat16": "BF16", "Int64": "I64",
+                "Int32": "I32", "Int16": "I16", "Int8": "I8", "UInt8": "U8", "Bool": "BOOL"}
+_CKPT_CRC = b"crc_num"  # save_checkpoint(crc_check=True) appends b"crc_num" and a 10-byte CRC
+
+
+class _Wire:
+    """Just enough of the protobuf wire format to walk a file's fields by offset, skipping payloads unread."""
+
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def varint(self, pos, end):
+        self.f.seek(pos)
+        value = 0
+        for i, b in enumerate(self.f.read(max(0, min(10, end - pos)))):
+            value |= (b & 0x7F) << (7 * i)
+            if b < 0x80:
+                return value, pos + i + 1
+        raise ValueError(f"{self.path}: truncated or corrupt at byte {pos}")
+
+    def fields(self, start, end):
+        """Yield (field number, wire type, varint value or (begin, end) of a length-delimited payload)."""
+        pos = start
+        while pos < end:
+            key, pos = self.varint(pos, end)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, pos = self.varint(pos, end)
+            elif wire == 2:
+                n, pos = self.varint(pos, end)
+                value, pos = (pos, pos + n), pos + n
+            elif wire in (1, 5):
+                value, pos = None, pos + (8 if wire == 1 else 4)
+            else:
+                raise ValueError(f"{self.path}: corrupt (wire type {wire} at byte {pos})")
+            if pos > end:
+                raise ValueError(f"{self.path}: truncated (a record runs past the end of the file)")
+            yield number, wire, value
+
+    def read(self, span):
+        self.f.seek(span[0])
+        return self.f.read(span[1] - span[0])
+
+
+class MindSporeCkptFile:
+    """Reads a MindSpore .ckpt like SafetensorsFile: names, dtypes and shapes at open, each tensor on demand.
+
+    A .ckpt is a protobuf `Checkpoint`: repeated `Value {tag, TensorProto {dims, tensor_type,
+    tensor_content}}`, a tensor over 512 MB split into consecutive Values with the same tag.
+    `ms.load_checkpoint` reads and parses the whole file, then copies every tensor; walking the wire format
+    finds each tensor's bytes without reading them, so names and shapes are checked before any data is
+    read and a load holds one copy of the weights, as with safetensors.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.entries = {}  # key -> (dtype, shape, offset of its first byte, offset past its last byte)
+        self.pieces = {}  # key -> [(begin, end), ...]: byte ranges of its content, in order
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
-        return [os.path.join(folder, f) for f in files]
-    single = os.path.join(folder, SAFETENSORS_SINGLE)
-    if os.path.exists(single):
-        return [single]
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if found:
-        return [os.path.join(folder, f) for f in found]
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                end = size
+                if size >= 17:
+                    f.seek(size - 17)
+                    if f.read(len(_CKPT_CRC)) == _CKPT_CRC:
+                        end = size - 17
+                wire = _Wire(f, path)
+                last = None
+                for number, kind, span in wire.fields(0, end):
+                    if number != 1 or kind != 2:
+                        raise ValueError(f"{path}: not a MindSpore checkpoint (field {number} at top level)")
+                    key, dtype, shape, content = self._value(wire, span)
+                    if key == last:
+                        if (dtype, shape) != self.entries[key][:2]:
+                            raise ValueError(f"{path}: the pieces of tensor {key} disagree on dtype or shape")
+                        self.pieces[key].append(content)
+                    elif key in self.entries:
+                        raise ValueError(f"{path}: tensor {key} appears twice")
+                    else:
+                        self.entries[key] = (dtype, shape)
+                        self.pieces[key] = [content]
+                    last = key
+        except OSError as e:
+            raise ValueError(f"{path}: not a readable MindSpore checkpoint ({e})") from None
+        if not self.entries:
+            raise ValueError(f"{path}: holds no tensors (empty, or not a MindSpore checkpoint)")
+        for key, (dtype, shape) in self.entries.items():
+            pieces = self.pieces[key]
+            nbytes = sum(e - b for b, e in pieces)
+            if nbytes != int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize:
+                raise ValueError(f"{path}: tensor {key} is truncated or corrupt ({nbytes} bytes for "
+                                 f"{dtype} {list(shape)})")
+            self.entries[key] = (dtype, shape, pieces[0][0], pieces[-1][1])
+
+    def _value(self, wire, span):
+        key = tensor = None
+        for number, kind, value in wire.fields(*span):
+            if number == 1 and kind == 2:
+                key = wire.read(value).decode("utf-8", "replace")
+            elif number == 2 and kind == 2:
+                tensor = value
+            elif number == 3:
+                raise ValueError(f"{self.path}: {key or 'an entry'} is a MapParameter, which Qwen2-VL does not use")
+        if key is None or tensor is None:
+            raise ValueError(f"{self.path}: corrupt (an entry without a name or a tensor)")
+        dims, type_name, content = [], None, None
+        for number, kind, value in wire.fields(*tensor):
+            if number == 1 and kind == 0:
+                dims.append(value)
+            elif number == 1 and kind == 2:  # packed encoding of the same repeated field
+                pos = value[0]
+                while pos < value[1]:
+                    d, pos = wire.varint(pos, value[1])
+                    dims.append(d)
+            elif number == 2 and kind == 2:
+                type_name = wire.read(value).decode("utf-8", "replace")
+            elif number == 3 and kind == 2:
+                content = value
+        if type_name is None or content is None:
+            raise ValueError(f"{self.path}: tensor {key} is corrupt (no dtype or no data)")
+        if type_name not in _CKPT_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {type_name}")
+        shape = () if dims == [0] else tuple(dims)  # MindSpore writes a scalar's shape as [0]
+        return key, _CKPT_DTYPES[type_name], shape, content
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, key):
+        return self.entries[key][1]
+
+    def dtype(self, key):
+        return self.entries[key][0]
+
+    def get(self, key) -> np.ndarray:
+        """A fresh array for the tensor (a plain read, as SafetensorsFile); bfloat16 widened to float32."""
+        dtype, shape = self.entries[key][:2]
+        pieces = self.pieces[key]
+        out = np.empty(sum(e - b for b, e in pieces), np.uint8)
+        view, at = memoryview(out), 0
+        with open(self.path, "rb") as f:
+            for begin, end in pieces:
+                f.seek(begin)
+                if f.readinto(view[at:at + end - begin]) != end - begin:
+                    raise ValueError(f"{self.path}: tensor {key} is truncated")
+                at += end - begin
+        arr = out.view(_ST_DTYPES[dtype]).reshape(shape)
+        if dtype == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+
+def open_weights(path):
+    """The reader for a weight file: safetensors (HF's or MindSpore's) or a MindSpore .ckpt."""
+    if path.endswith(".ckpt"):
+        return MindSporeCkptFile(path)
+    return SafetensorsFile(path)
+
+
+def _indexed_files(folder, index):
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index}: not a valid checkpoint index ({e})") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
+    return [os.path.join(folder, f) for f in files]
+
+
+def checkpoint_files(folder) -> List[str]:
+    """The weight files of a checkpoint folder, from its index when sharded: safetensors first, then MindSpore
+    .ckpt (as scripts/convert_weights.py writes them)."""
+    for index, single, ext in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE, ".safetensors"),
+                               (CKPT_INDEX, CKPT_SINGLE, ".ckpt")):
+        if os.path.exists(os.path.join(folder, index)):
+            return _indexed_files(folder, os.path.join(folder, index))
+        if os.path.exists(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+        found = sorted(f for f in os.listdir(folder) if f.endswith(ext))
+        if found:
+            return [os.path.join(folder, f) for f in found]
+    hint = ""
+    if any(f.endswith(".bin") for f in os.listdir(folder)):
+        hint = "; its torch .bin weights need converting first (scripts/convert_weights.py)"
     raise FileNotFoundError(
-        f"no weights in {folder}: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} with its shards"
+        f"no weights in {folder}: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} with its shards "
+        f"(or MindSpore {CKPT_SINGLE} / {CKPT_INDEX}){hint}"
     )
 
 
@@ -141,6 +314,20 @@ def resolve_folder(path_or_hub_id) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def collect_sources(readers) -> Dict[str, Tuple[object, str]]:
+    """{parameter name: (reader, checkpoint key)} over all files; recomputed buffers are skipped."""
+    sources = {}
+    for reader in readers:
+        for key in reader.keys():
+            if _IGNORED.search(key):
+                continue
+            name = canonical_name(key)
+            if name in sources:
+                raise ValueError(f"{key} appears twice in the checkpoint ({sources[name][0].path}, {reader.path})")
+            sources[name] = (reader, key)
+    return sources
+
+
 def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]], tied: bool):
     """Check checkpoint names/shapes against the parameters; return {param name: (file, key)} or raise."""
     plan, unexpected, mismatched = {}, [], []
@@ -173,17 +360,8 @@ def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]],
 def load_weights(model, folder, progress=True):
     """Stream every tensor of the checkpoint in `folder` into `model`'s parameters."""
     params = {p.name: p for p in model.get_parameters()}
-    readers = [SafetensorsFile(f) for f in checkpoint_files(folder)]
-    sources = {}
-    for reader in readers:
-        for key in reader.keys():
-            if _IGNORED.search(key):
-                continue
-            name = canonical_name(key)
-            if name in sources:
-                raise ValueError(f"{key} appears twice in the checkpoint ({sources[name][0].path}, {reader.path})")
-            sources[name] = (reader, key)
-    plan = plan_load(params, sources, model.config.tie_word_embeddings)
+    readers = [open_weights(f) for f in checkpoint_files(folder)]
+    plan = plan_load(params, collect_sources(readers), model.config.tie_word_embeddings)
     # File by file, in file order: one shard's pages are touched at a time.
     order = sorted(plan.items(), key=lambda kv: (readers.index(kv[1][0]), kv[1][0].entries[kv[1][1]][2]))
     for name, (reader, key) in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
@@ -203,10 +381,10 @@ def to_tensor(arr, dtype):
     return Tensor(arr, dtype=dtype)  # bfloat16: numpy has no such dtype, MindSpore casts
 
 
-def load_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation="eager", progress=True):
+def load_pretrained(cls, path_or_hub_id, policy=None, progress=True):
     folder = resolve_folder(str(path_or_hub_id))
     config = Qwen2VLConfig.from_pretrained(folder)
-    model = cls(config, dtype=mindspore_dtype, attn_implementation=attn_implementation)
+    model = cls(config, policy)
     load_weights(model, folder, progress=progress)
     model.set_train(False)
     model.name_or_path = folder

@@ -13,6 +13,7 @@ from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
 from .layers import Linear
+from .precision import PrecisionPolicy, resolve_policy
 from .modeling_text import Qwen2VLTextModel
 from .modeling_vision import Qwen2VisionTransformer
 
@@ -121,13 +122,13 @@ def causal_mask(attention_mask, query_len, key_len, past_len=0):
 class Qwen2VLForConditionalGeneration(nn.Cell):
     """Qwen2-VL: `visual` (vision tower), `model` (decoder), `lm_head`; HF parameter names."""
 
-    def __init__(self, config: Qwen2VLConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLConfig, policy: Optional[PrecisionPolicy] = None):
         super().__init__()
         self.config = config
-        self.dtype = dtype
-        self.attn_implementation = attn_implementation
-        self.visual = Qwen2VisionTransformer(config.vision_config, dtype, attn_implementation)
-        self.model = Qwen2VLTextModel(config.text_config, dtype, attn_implementation)
+        self.policy = policy or resolve_policy()
+        dtype = self.policy.compute_dtype
+        self.visual = Qwen2VisionTransformer(config.vision_config, self.policy)
+        self.model = Qwen2VLTextModel(config.text_config, self.policy)
         text = config.text_config
         tied = self.model.embed_tokens.weight if config.tie_word_embeddings else None
         self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False, dtype=dtype, weight=tied)
@@ -136,11 +137,18 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
             tied.name = "model.embed_tokens.weight"
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation="eager", **kwargs):
+    def from_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation=None, policy=None,
+                        **kwargs):
+        """Load a HF-format (or converted) checkpoint folder or hub id.
+
+        mindspore_dtype / attn_implementation go through the precision policy (precision.resolve_policy):
+        on a CPU, bf16 falls back to float32 and flash attention to eager, with a warning. `policy` gives a
+        PrecisionPolicy directly instead.
+        """
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path_or_hub_id, mindspore_dtype=mindspore_dtype,
-                               attn_implementation=attn_implementation, **kwargs)
+        policy = policy or resolve_policy(mindspore_dtype, attn_implementation)
+        return load_pretrained(cls, path_or_hub_id, policy=policy, **kwargs)
 
     # The orchestration below runs numpy on the host, so it must not be compiled as a graph: calling the
     # model goes straight to `forward`; its cells compile on their own in GRAPH_MODE.

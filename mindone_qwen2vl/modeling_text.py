@@ -6,6 +6,7 @@ from mindspore import Tensor, nn, ops
 from .attention import decoder_attention
 from .config import Qwen2VLTextConfig
 from .layers import Embedding, Linear, RMSNorm
+from .precision import PrecisionPolicy
 
 
 def rotate_half(x):
@@ -56,13 +57,15 @@ class Qwen2MLP(nn.Cell):
 
 
 class Qwen2VLAttention(nn.Cell):
-    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = policy.attn_implementation
+        self.flash_dtype = policy.flash_dtype
+        dtype = policy.compute_dtype
         h = config.hidden_size
         self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=True, dtype=dtype)
         self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True, dtype=dtype)
@@ -81,15 +84,15 @@ class Qwen2VLAttention(nn.Cell):
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = decoder_attention(q, k, v, mask, self.scale, self.attn_implementation)
+        out = decoder_attention(q, k, v, mask, self.scale, self.attn_implementation, self.flash_dtype)
         return self.o_proj(out)
 
 
 class Qwen2VLDecoderLayer(nn.Cell):
-    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
-        self.self_attn = Qwen2VLAttention(config, dtype, attn_implementation)
-        self.mlp = Qwen2MLP(config, dtype)
+        self.self_attn = Qwen2VLAttention(config, policy)
+        self.mlp = Qwen2MLP(config, policy.compute_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -101,13 +104,11 @@ class Qwen2VLDecoderLayer(nn.Cell):
 class Qwen2VLTextModel(nn.Cell):
     """Embedding, decoder layers and final norm. `construct` takes embeddings (vision already merged)."""
 
-    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.CellList(
-            [Qwen2VLDecoderLayer(config, dtype, attn_implementation) for _ in range(config.num_hidden_layers)]
-        )
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=policy.compute_dtype)
+        self.layers = nn.CellList([Qwen2VLDecoderLayer(config, policy) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2VLRotaryEmbedding(config)
 

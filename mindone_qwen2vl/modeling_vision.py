@@ -14,6 +14,7 @@ from mindspore import Tensor, nn, ops
 from .attention import vision_attention
 from .config import Qwen2VLVisionConfig
 from .layers import LayerNorm, Linear
+from .precision import PrecisionPolicy
 
 
 @dataclass
@@ -77,6 +78,7 @@ def rotate_half(x):
 
 class PatchEmbed(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
+        # dtype: the policy's conv_dtype (bf16 on Ascend, whose Conv3D has no fp32 kernel)
         super().__init__()
         self.in_channels = config.in_channels
         self.temporal_patch_size = config.temporal_patch_size
@@ -109,12 +111,14 @@ class VisionRotaryEmbedding(nn.Cell):
 
 
 class VisionAttention(nn.Cell):
-    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = policy.attn_implementation
+        self.flash_dtype = policy.flash_dtype
+        dtype = policy.compute_dtype
         self.qkv = Linear(config.embed_dim, 3 * config.embed_dim, bias=True, dtype=dtype)
         self.proj = Linear(config.embed_dim, config.embed_dim, bias=True, dtype=dtype)
 
@@ -129,7 +133,7 @@ class VisionAttention(nn.Cell):
         kf = k.astype(ms.float32)
         q = (qf * cos + rotate_half(qf) * sin).astype(x.dtype)
         k = (kf * cos + rotate_half(kf) * sin).astype(x.dtype)
-        out = vision_attention(q, k, v, layout, self.scale, self.attn_implementation)
+        out = vision_attention(q, k, v, layout, self.scale, self.attn_implementation, self.flash_dtype)
         return self.proj(out)
 
 
@@ -146,12 +150,12 @@ class VisionMlp(nn.Cell):
 
 
 class Qwen2VLVisionBlock(nn.Cell):
-    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
         self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
         self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
-        self.attn = VisionAttention(config, dtype, attn_implementation)
-        self.mlp = VisionMlp(config, dtype)
+        self.attn = VisionAttention(config, policy)
+        self.mlp = VisionMlp(config, policy.compute_dtype)
 
     def construct(self, x, cos, sin, layout):
         x = x + self.attn(self.norm1(x), cos, sin, layout)
@@ -179,22 +183,22 @@ class PatchMerger(nn.Cell):
 class Qwen2VisionTransformer(nn.Cell):
     """`visual.*` of the HF checkpoint. Call with the processor's flattened patches and a `vision_plan`."""
 
-    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, attn_implementation="eager"):
+    def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
         self.config = config
+        self.policy = policy
         self.spatial_merge_size = config.spatial_merge_size
-        self.patch_embed = PatchEmbed(config, dtype)
+        self.patch_embed = PatchEmbed(config, policy.conv_dtype)
         self.rotary_pos_emb = VisionRotaryEmbedding(config.head_dim)
-        self.blocks = nn.CellList(
-            [Qwen2VLVisionBlock(config, dtype, attn_implementation) for _ in range(config.depth)]
-        )
-        self.merger = PatchMerger(config, dtype)
-        self.dtype = dtype
+        self.blocks = nn.CellList([Qwen2VLVisionBlock(config, policy) for _ in range(config.depth)])
+        self.merger = PatchMerger(config, policy.compute_dtype)
+        self.dtype = policy.compute_dtype
 
-    def construct(self, pixel_values, rot_pos, frame_len=None, gather_idx=None, key_bias=None, unpad_idx=None):
+    def construct(self, pixel_values, rot_pos, frame_len=None, gather_idx=None, key_bias=None, unpad_idx=None,
+                  frame_ends=None):
         x = self.patch_embed(pixel_values).astype(self.dtype)
         cos, sin = self.rotary_pos_emb(rot_pos)
-        layout = (frame_len, gather_idx, key_bias, unpad_idx)
+        layout = (frame_len, gather_idx, key_bias, unpad_idx, frame_ends)
         for blk in self.blocks:
             x = blk(x, cos, sin, layout)
         return self.merger(x)
@@ -202,15 +206,18 @@ class Qwen2VisionTransformer(nn.Cell):
     def plan_inputs(self, grid_thw):
         """Host tables -> the arguments `construct` takes after the pixels."""
         plan = vision_plan(grid_thw, self.spatial_merge_size)
-        return (Tensor(plan.rot_pos),) + attention_layout(plan)
+        return (Tensor(plan.rot_pos),) + attention_layout(plan, self.policy.attn_implementation)
 
 
-def attention_layout(plan: VisionPlan):
-    """The per-frame layout as the tower's trailing arguments: (frame_len, gather_idx, key_bias, unpad_idx).
+def attention_layout(plan: VisionPlan, attn_implementation="eager"):
+    """The per-frame layout as the tower's trailing arguments:
+    (frame_len, gather_idx, key_bias, unpad_idx, frame_ends); see attention.vision_attention.
 
     Separate arguments, not one tuple: graph mode treats tensors inside a tuple argument as constants and
     would recompile for every new image.
     """
+    if attn_implementation == "flash_attention_2":
+        return (None, None, None, None, tuple(int(e) for e in plan.cu_seqlens[1:]))
     if plan.gather_idx is None:
-        return (plan.max_len, None, None, None)
-    return (None, Tensor(plan.gather_idx), Tensor(plan.key_bias), Tensor(plan.unpad_idx))
+        return (plan.max_len, None, None, None, None)
+    return (None, Tensor(plan.gather_idx), Tensor(plan.key_bias), Tensor(plan.unpad_idx), None)

@@ -1,0 +1,92 @@
+"""The one precision policy: which dtype each part of the model computes in, on Ascend and on a CPU.
+
+Fixed whatever the policy (numerics that bf16/fp16 would spoil):
+- LayerNorm, RMSNorm and their parameters: float32 (fp16 LayerNorm has no CPU kernel; norms of bf16
+  activations lose the small differences the next layer reads).
+- softmax (attention scores), rotary tables and the rotation itself, final logits: float32.
+Chosen by the policy:
+- compute_dtype (`mindspore_dtype`): Linear/Embedding weights and activations.
+- conv_dtype: the patch-embed Conv3d (bf16 on Ascend, where Conv3D runs in fp16/bf16 only).
+- attn_implementation: "eager" (everywhere) or "flash_attention_2" (Ascend); flash runs its q/k/v in
+  FLASH_DTYPE (fp16), the dtype its kernel is fastest and validated in.
+On a CPU, bf16 matmul/softmax/conv and flash attention have no kernels: asking for them warns and falls back
+(bf16 -> float32, flash -> eager), never aborts.
+"""
+import warnings
+from dataclasses import dataclass
+
+import mindspore as ms
+
+from .attention import ATTN_IMPLEMENTATIONS
+
+FLASH_DTYPE = ms.float16
+NORM_DTYPE = ms.float32
+
+_DTYPES = {
+    "fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
+    "bf16": ms.bfloat16, "bfloat16": ms.bfloat16,
+}
+
+
+def parse_dtype(dtype):
+    """'bf16' / 'float16' / ms.float32 ... -> a MindSpore dtype."""
+    if dtype is None or isinstance(dtype, ms.Type):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "").replace("mindspore.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of fp32, fp16, bf16")
+    return _DTYPES[key]
+
+
+def device_target():
+    return ms.get_context("device_target")
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    compute_dtype: ms.Type = ms.float32
+    conv_dtype: ms.Type = ms.float32
+    attn_implementation: str = "eager"
+    device: str = "CPU"
+    flash_dtype: ms.Type = FLASH_DTYPE
+
+    norm_dtype = NORM_DTYPE
+    softmax_dtype = ms.float32
+    rope_dtype = ms.float32
+    logits_dtype = ms.float32
+
+    def describe(self):
+        """Module -> dtype, for logs, the README table and tests."""
+        attn = f"flash_attention_2 ({self.flash_dtype})" if self.attn_implementation == "flash_attention_2" else \
+            f"eager ({self.compute_dtype}, softmax {self.softmax_dtype})"
+        return {
+            "device": self.device,
+            "linear/embedding": str(self.compute_dtype),
+            "patch_embed Conv3d": str(self.conv_dtype),
+            "attention": attn,
+            "LayerNorm/RMSNorm": str(self.norm_dtype),
+            "rotary": str(self.rope_dtype),
+            "logits": str(self.logits_dtype),
+        }
+
+
+def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dtype=None, device=None):
+    """The policy for this device. Ascend defaults: flash attention, bf16 Conv3d. Elsewhere: eager, and
+    the dtypes the CPU kernels support (see the module docstring for the fallbacks)."""
+    device = device or device_target()
+    dtype = parse_dtype(mindspore_dtype) or ms.float32
+    conv = parse_dtype(conv_dtype)
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
+    if device == "Ascend":
+        return PrecisionPolicy(dtype, conv or ms.bfloat16, attn_implementation or "flash_attention_2", device)
+    if dtype == ms.bfloat16:
+        warnings.warn(f"bfloat16 matmul/softmax have no {device} kernels in MindSpore: computing in float32 "
+                      "instead (bfloat16 is for Ascend)", stacklevel=3)
+        dtype = ms.float32
+    if conv == ms.bfloat16 or conv is None:
+        conv = dtype  # fp32 or fp16: both have CPU Conv3d kernels
+    if attn_implementation == "flash_attention_2":
+        warnings.warn(f"flash_attention_2 needs an Ascend NPU (ops.flash_attention_score has no {device} "
+                      "kernel): using eager attention", stacklevel=3)
+    return PrecisionPolicy(dtype, conv, "eager", device)
