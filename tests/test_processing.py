@@ -194,3 +194,39 @@ def test_missing_image_path_in_call(processor, tmp_path):
 def test_truncation_inside_vision_tokens(processor):
     with pytest.raises(ValueError, match=r"truncation cut <\|image_pad\|> tokens \(66 in the text, \d+ kept\)"):
         processor(text=prompt(1), images=raw_images()[:1], truncation=True, max_length=50)
+
+
+@pytest.mark.slow
+def test_works_without_torch(tmp_path):
+    """The whole preprocessing path in a Python that cannot see torch or torchvision."""
+    import site
+    import subprocess
+    import sys
+
+    hidden = ("torch", "torchvision", "torchgen", "functorch")
+    packages = tmp_path / "site"
+    packages.mkdir()
+    for folder in site.getsitepackages():
+        for entry in os.listdir(folder):
+            if entry.split("-")[0].split(".")[0] not in hidden and not (packages / entry).exists():
+                os.symlink(os.path.join(folder, entry), packages / entry)
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    code = f"""
+import sys
+from mindone_qwen2vl import Qwen2VLProcessor
+from mindone_qwen2vl.qwen_vl_utils import process_vision_info
+p = Qwen2VLProcessor.from_pretrained({MODEL_DIR!r})
+messages = [{{"role": "user", "content": [{{"type": "image", "image": {IMAGES[0]!r}}},
+             {{"type": "video", "video": {os.path.join(ASSETS, "4.mp4")!r}, "nframes": 4}},
+             {{"type": "text", "text": "?"}}]}}]
+images, videos = process_vision_info(messages)
+out = p(text=[p.apply_chat_template(messages)], images=images, videos=videos, return_tensors="ms")
+print(out["image_grid_thw"].asnumpy().tolist(), out["video_grid_thw"].asnumpy().tolist())
+print(sorted(m for m in sys.modules if m.split(".")[0] in {hidden!r}))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{packages}{os.pathsep}{repo}"}
+    result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2] == "[[1, 12, 22]] [[2, 24, 24]]"
+    assert lines[-1] == "[]"
