@@ -24,26 +24,27 @@ from .qwen_vl_utils.sources import describe
 __all__ = ["Qwen2VLProcessor", "Qwen2VLVideoProcessor"]
 
 
-def _video_frames(video, index: int) -> np.ndarray:
-    """One video as uint8 ``(T, H, W, 3)``: from a ``(T, C, H, W)`` or ``(T, H, W, C)`` array (as HF, channels
-    first wins when both readings fit), a list of PIL images or of ``(H, W, C)``/``(C, H, W)`` arrays."""
+def _video_frames(video, name: str):
+    """One video as uint8 ``(T, H, W, 3)`` frames: from a ``(T, C, H, W)`` or ``(T, H, W, C)`` array (as HF,
+    channels first wins when both readings fit), a list of PIL images or of ``(H, W, C)``/``(C, H, W)``
+    arrays. Frames of unequal sizes stay a list; grayscale becomes RGB."""
     if hasattr(video, "asnumpy"):  # mindspore.Tensor
         video = video.asnumpy()
     elif hasattr(video, "numpy") and not isinstance(video, np.ndarray):  # torch.Tensor from upstream code
         video = video.numpy()
     if isinstance(video, np.ndarray):
         if video.ndim != 4:
-            raise ValueError(f"video {index}: expected a 4-D array (frames, ...), got shape {video.shape}")
+            raise ValueError(f"{name}: expected a 4-D array (frames, ...), got shape {video.shape}")
         channels_first = video.shape[1] in (1, 3)
         if not channels_first and video.shape[-1] not in (1, 3):
-            raise ValueError(f"video {index}: shape {video.shape} has no RGB channel axis")
+            raise ValueError(f"{name}: shape {video.shape} has no RGB channel axis")
         frames = video.transpose(0, 2, 3, 1) if channels_first else video
         if frames.shape[-1] == 1:
             frames = np.repeat(frames, 3, axis=-1)
         if frames.dtype != np.uint8:
             if not np.all(np.mod(frames, 1) == 0) or frames.min() < 0 or frames.max() > 255:
                 raise ValueError(
-                    f"video {index}: expected pixel values 0..255 (uint8 or integer-valued), "
+                    f"{name}: expected pixel values 0..255 (uint8 or integer-valued), "
                     f"got {frames.dtype} in {frames.min()}..{frames.max()}"
                 )
             frames = frames.astype(np.uint8)
@@ -52,12 +53,12 @@ def _video_frames(video, index: int) -> np.ndarray:
         try:
             frames = [np.asarray(load_image(frame)) for frame in video]
         except ValueError as err:
-            raise ValueError(f"video {index}: {err}") from err
+            raise ValueError(f"{name}: {err}") from err
         size = frames[0].shape
         # Only the first frame sets the output size (as in HF); stack after resizing to it.
         return frames if any(f.shape != size for f in frames) else np.stack(frames)
     raise ValueError(
-        f"video {index}: expected a 4-D array or a non-empty list of frames, got {describe(video)}"
+        f"{name}: expected a 4-D array or a non-empty list of frames, got {describe(video)}"
     )
 
 
@@ -151,11 +152,12 @@ class Qwen2VLVideoProcessor:
         max_pixels = self.max_pixels if max_pixels is None else max_pixels
         all_patches, grids = [], []
         for index, video in enumerate(videos):
-            frames = _video_frames(video, index)
+            name = f"video {index + 1} of {len(videos)}"
+            frames = _video_frames(video, name)
             try:
                 patches, grid = self._patches(frames, min_pixels, max_pixels)
             except ValueError as err:
-                raise ValueError(f"video {index}: {err}") from err
+                raise ValueError(f"{name}: {err}") from err
             all_patches.append(patches)
             grids.append(grid)
         data = {
@@ -287,7 +289,7 @@ class Qwen2VLProcessor:
             try:
                 out = self.image_processor(images=image, return_tensors=None, **limits)
             except ValueError as err:
-                raise ValueError(f"image {index} ({describe(image)}): {err}") from err
+                raise ValueError(f"image {index + 1} of {len(flat)} ({describe(image)}): {err}") from err
             patches.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
         if not flat:

@@ -182,7 +182,7 @@ def test_fewer_images_than_placeholders(processor):
 
 def test_aspect_ratio_over_200_names_the_image(processor):
     strip = Image.fromarray(np.zeros((10, 2500, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"image 1 \(<PIL image RGB 2500x10>\): .*aspect ratio.*got 250"):
+    with pytest.raises(ValueError, match=r"image 2 of 2 \(<PIL image RGB 2500x10>\): .*aspect ratio.*got 250"):
         processor(text=prompt(2), images=[raw_images()[0], strip])
 
 

@@ -113,13 +113,13 @@ def test_video_placeholder_mismatch(videos):
 
 def test_bad_video_arrays():
     vp = Qwen2VLVideoProcessor()
-    with pytest.raises(ValueError, match=r"video 0: shape \(2, 5, 5, 5\) has no RGB channel axis"):
+    with pytest.raises(ValueError, match=r"video 1 of 1: shape \(2, 5, 5, 5\) has no RGB channel axis"):
         vp([np.zeros((2, 5, 5, 5), np.uint8)])
-    with pytest.raises(ValueError, match="video 1: expected pixel values 0..255"):
+    with pytest.raises(ValueError, match="video 2 of 2: expected pixel values 0..255"):
         vp([np.zeros((2, 56, 56, 3), np.uint8), np.full((2, 56, 56, 3), 0.5, np.float32)])
-    with pytest.raises(ValueError, match="video 0: expected a 4-D array or a non-empty list of frames"):
+    with pytest.raises(ValueError, match="video 1 of 1: expected a 4-D array or a non-empty list of frames"):
         vp([[]])
     with pytest.raises(ValueError, match="videos is empty"):
         vp([])
-    with pytest.raises(ValueError, match="video 0: .*aspect ratio must be smaller than 200"):
+    with pytest.raises(ValueError, match="video 1 of 1: .*aspect ratio must be smaller than 200"):
         vp([np.zeros((2, 3, 4, 1000), np.uint8)])
