@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face Qwen2-VL checkpoint (torch .bin or safetensors) into a MindSpore one.
+
+    python scripts/convert_weights.py --src Qwen2-VL-7B-Instruct --dst Qwen2-VL-7B-Instruct-ms --dtype bf16
+
+DST then loads with `Qwen2VLForConditionalGeneration.from_pretrained(DST)` and
+`Qwen2VLProcessor.from_pretrained(DST)`. Exit codes: 0 done, 1 conversion failed (one line on stderr naming
+the file and the problem; nothing is left at DST), 2 bad arguments.
+"""
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="HF checkpoint folder (config.json, *.safetensors or *.bin, tokenizer)")
+    p.add_argument("--dst", required=True, help="folder to create (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="cast the weights (default: keep the checkpoint's own dtype)")
+    p.add_argument("--format", dest="fmt", choices=["ckpt", "safetensors"], default="ckpt",
+                   help="MindSpore .ckpt (default) or MindSpore safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is done)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading DST back and comparing every tensor with the source")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+    args = p.parse_args(argv)
+    if os.path.realpath(args.src) == os.path.realpath(args.dst):
+        p.error("--src and --dst are the same folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        # Imported after parsing: --help and argument errors should not wait for MindSpore to load.
+        from mindone_qwen2vl.convert import convert_checkpoint
+
+        summary = convert_checkpoint(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, overwrite=args.overwrite,
+                                     verify=args.verify, progress=args.progress)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("convert_weights: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure becomes one line; --debug shows where it came from
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"convert_weights: error: {message}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
