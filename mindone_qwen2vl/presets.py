@@ -1,0 +1,58 @@
+"""YAML presets (configs/*.yaml): model, precision, mode, pixel limits and tensor parallel size per model size."""
+import os
+
+import yaml
+
+from .precision import PrecisionPolicy, resolve_policy
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# key -> type; anything else in a preset is a typo worth an error rather than a silently ignored setting.
+PRESET_KEYS = {
+    "model_name_or_path": str,
+    "mindspore_dtype": str,
+    "conv_dtype": str,
+    "attn_implementation": str,
+    "mode": str,
+    "tensor_parallel_size": int,
+    "min_pixels": int,
+    "max_pixels": int,
+    "video_max_pixels": int,
+    "video_total_pixels": int,
+    "fps": float,
+    "max_new_tokens": int,
+}
+
+
+def preset_path(name_or_path):
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if os.path.isfile(candidate):
+        return candidate
+    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR)) if os.path.isdir(CONFIG_DIR) else []
+    raise FileNotFoundError(f"no preset {name_or_path!r}: not a file, and not one of {known}")
+
+
+def load_preset(name_or_path) -> dict:
+    path = preset_path(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    for key, value in data.items():
+        if key not in PRESET_KEYS:
+            raise ValueError(f"{path}: unknown setting {key!r} (known: {', '.join(PRESET_KEYS)})")
+        want = PRESET_KEYS[key]
+        if not isinstance(value, want) and not (want is float and isinstance(value, int)):
+            raise ValueError(f"{path}: {key} should be {want.__name__}, got {value!r}")
+    return data
+
+
+def preset_policy(preset: dict, device=None) -> PrecisionPolicy:
+    """The precision policy a preset asks for, on this device (CPU fallbacks apply, see precision.py)."""
+    return resolve_policy(preset.get("mindspore_dtype", "fp32"), preset.get("attn_implementation"),
+                          preset.get("conv_dtype"), device=device)
