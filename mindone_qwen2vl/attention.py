@@ -31,6 +31,15 @@ def _softmax_fp32(scores, dtype):
     return ops.softmax(scores, -1).astype(dtype)
 
 
+SCORES_BUDGET = 256 * 2 ** 20  # bytes of float32 attention scores held at once by the eager vision path
+
+
+def _query_block(rows, length):
+    """Query rows per block so that rows x block x length float32 scores fit SCORES_BUDGET."""
+    per_query = rows * length * 4
+    return max(1, min(length, SCORES_BUDGET // per_query))
+
+
 def vision_attention(q, k, v, layout, scale, impl="eager", flash_dtype=ms.float16):
     """q, k, v: [N, heads, head_dim] for all patches of all frames -> [N, heads * head_dim].
 
@@ -57,10 +66,17 @@ def vision_attention(q, k, v, layout, scale, impl="eager", flash_dtype=ms.float1
     q = q.reshape(n_frames, lmax, heads, dim).transpose(0, 2, 1, 3)
     k = k.reshape(n_frames, lmax, heads, dim).transpose(0, 2, 1, 3)
     v = v.reshape(n_frames, lmax, heads, dim).transpose(0, 2, 1, 3)
-    scores = (_bmm_t(q, k) * scale).astype(ms.float32)
-    if key_bias is not None:
-        scores = scores + key_bias.reshape(n_frames, 1, 1, lmax)
-    out = _bmm(_softmax_fp32(scores, q.dtype), v)
+    bias = None if key_bias is None else key_bias.reshape(n_frames, 1, 1, lmax)
+    # Softmax is per query row, so query blocks are exact; blocks bound the float32 scores (a 1372x2044
+    # image is one 14k-patch frame: 16 heads x 14k^2 scores would be 13 GB at once).
+    block = _query_block(n_frames * heads, lmax)
+    outs = []
+    for start in range(0, lmax, block):
+        scores = (_bmm_t(q[:, :, start:start + block], k) * scale).astype(ms.float32)
+        if bias is not None:
+            scores = scores + bias
+        outs.append(_bmm(_softmax_fp32(scores, q.dtype), v))
+    out = outs[0] if len(outs) == 1 else ops.cat(outs, 2)
     out = out.transpose(0, 2, 1, 3).reshape(n_frames * lmax, heads * dim)
     if unpad_idx is not None:
         out = ops.gather(out, unpad_idx, 0)

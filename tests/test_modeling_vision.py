@@ -66,3 +66,18 @@ def test_plan_rejects_odd_grid():
 def test_pixels_that_do_not_match_the_grid(tiny_ours):
     with pytest.raises(ValueError, match="do not match grid_thw"):
         tiny_ours.get_vision_features(random_pixels([(1, 4, 4)]), [(1, 4, 6)])
+
+
+def test_query_blocks_are_exact(tiny_hf, tiny_ours, monkeypatch):
+    """Blocked eager attention (used for big images) equals the one-block result and HF."""
+    from mindone_qwen2vl import attention
+
+    grid = np.array([(1, 8, 12), (1, 4, 4)])
+    pixels = random_pixels(grid, seed=9)
+    whole = tiny_ours.get_vision_features(pixels, grid).asnumpy()
+    # 2 frames x 4 heads x 96 keys x 4 bytes per query row: a budget of 10 rows forces 10 blocks.
+    monkeypatch.setattr(attention, "SCORES_BUDGET", 2 * 4 * 96 * 4 * 10)
+    assert attention._query_block(2 * 4, 96) == 10
+    blocked = tiny_ours.get_vision_features(pixels, grid).asnumpy()
+    assert rel_err(blocked, whole) < 1e-6
+    assert rel_err(blocked, hf_visual(tiny_hf[0], pixels, grid)) < 1e-5
