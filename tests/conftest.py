@@ -29,12 +29,10 @@ def ms_mode(request):
 
 
 @pytest.fixture(scope="session")
-def tiny_hf():
+def tiny_hf(tmp_path_factory):
     """(HF model, checkpoint folder) of a tiny random Qwen2-VL with tied embeddings, old key names."""
-    import tempfile
-
     model = tiny.hf_model(tiny.hf_config(tied=True), seed=0)
-    folder = tempfile.mkdtemp(prefix="tiny_qwen2vl_")
+    folder = str(tmp_path_factory.mktemp("tiny_qwen2vl"))
     tiny.save_checkpoint(model, folder)
     return model, folder
 
