@@ -40,6 +40,35 @@ def canonical_name(name: str) -> str:
     return name
 
 
+# ---------------------------------------------------------------------------------------------- slices
+def read_slice(read_into, dtype, shape, axis, start, stop) -> np.ndarray:
+    """Indices [start, stop) along `axis` of a row-major tensor, reading only their bytes.
+
+    The slice is, for each index of the axes before `axis`, one contiguous run of bytes: one read for a
+    slice of rows, one read per row for a slice of columns. read_into(offset, view) fills `view` with the
+    tensor's bytes from `offset`. bfloat16 comes back widened to float32 (exact).
+    """
+    if not 0 <= axis < len(shape) or not 0 <= start < stop <= shape[axis]:
+        raise ValueError(f"slice [{start}:{stop}] of axis {axis} is outside a tensor of shape {list(shape)}")
+    raw = np.dtype(_ST_DTYPES[dtype])
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64)) * raw.itemsize
+    run = (stop - start) * inner
+    out = np.empty(outer * run, np.uint8)
+    view = memoryview(out)
+    for i in range(outer):
+        read_into((i * shape[axis] + start) * inner, view[i * run:(i + 1) * run])
+    arr = out.view(raw).reshape(shape[:axis] + (stop - start,) + tuple(shape[axis + 1:]))
+    if dtype == "BF16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+def _read_exactly(f, view, what):
+    if f.readinto(view) != len(view):
+        raise ValueError(f"{what} is truncated")
+
+
 # ---------------------------------------------------------------------------------------------- safetensors
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # bf16 read as raw bits
@@ -102,6 +131,17 @@ class SafetensorsFile:
         if dtype == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
+
+    def get_slice(self, key, axis, start, stop) -> np.ndarray:
+        """Indices [start, stop) along `axis` of a tensor (a tensor-parallel shard), reading only those bytes."""
+        dtype, shape, begin, _ = self.entries[key]
+        # Unbuffered: a buffered reader would read ahead past each row of a column slice.
+        with open(self.path, "rb", buffering=0) as f:
+            def read_into(offset, view):
+                f.seek(self.data_start + begin + offset)
+                _read_exactly(f, view, f"{self.path}: tensor {key}")
+
+            return read_slice(read_into, dtype, shape, axis, start, stop)
 
 
 # ---------------------------------------------------------------------------------------------- MindSpore .ckpt
@@ -256,6 +296,30 @@ class MindSporeCkptFile:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
 
+    def get_slice(self, key, axis, start, stop) -> np.ndarray:
+        """Indices [start, stop) along `axis`, reading only those bytes (which may span the tensor's pieces)."""
+        dtype, shape = self.entries[key][:2]
+        pieces, logical = self.pieces[key], 0
+        spans = []  # (offset of the piece in the tensor's bytes, begin, end in the file)
+        for begin, end in pieces:
+            spans.append((logical, begin, end))
+            logical += end - begin
+        with open(self.path, "rb", buffering=0) as f:
+            def read_into(offset, view):
+                at = 0
+                for first, begin, end in spans:
+                    if at == len(view):
+                        break
+                    lo = offset + at
+                    if not first <= lo < first + end - begin:
+                        continue
+                    n = min(len(view) - at, first + end - begin - lo)
+                    f.seek(begin + lo - first)
+                    _read_exactly(f, view[at:at + n], f"{self.path}: tensor {key}")
+                    at += n
+
+            return read_slice(read_into, dtype, shape, axis, start, stop)
+
 
 def open_weights(path):
     """The reader for a weight file: safetensors (HF's or MindSpore's) or a MindSpore .ckpt."""
@@ -328,8 +392,13 @@ def collect_sources(readers) -> Dict[str, Tuple[object, str]]:
     return sources
 
 
-def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]], tied: bool):
-    """Check checkpoint names/shapes against the parameters; return {param name: (file, key)} or raise."""
+def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]], tied: bool, global_shapes=None):
+    """Check checkpoint names/shapes against the parameters; return {param name: (file, key)} or raise.
+
+    global_shapes: {param name: shape of the whole tensor} for parameters holding a tensor-parallel slice,
+    which are checked against the checkpoint by their whole shape.
+    """
+    global_shapes = global_shapes or {}
     plan, unexpected, mismatched = {}, [], []
     for name, (reader, key) in sources.items():
         if name not in params:
@@ -337,7 +406,7 @@ def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]],
                 continue  # tied to the embedding: the checkpoint's copy (if any) is redundant
             unexpected.append(key)
             continue
-        want = tuple(params[name].shape)
+        want = tuple(global_shapes.get(name, params[name].shape))
         got = tuple(reader.shape(key))
         if want != got:
             mismatched.append(f"{key}: checkpoint {list(got)} vs model {list(want)}")
@@ -358,15 +427,24 @@ def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]],
 
 
 def load_weights(model, folder, progress=True):
-    """Stream every tensor of the checkpoint in `folder` into `model`'s parameters."""
+    """Stream every tensor of the checkpoint in `folder` into `model`'s parameters.
+
+    A tensor-parallel layer (parallel.py) says which slice of each of its tensors this rank holds; only
+    that slice is read.
+    """
+    from .parallel import checkpoint_slices
+
     params = {p.name: p for p in model.get_parameters()}
+    slices = checkpoint_slices(model)  # {name: (axis, start, stop, global shape)}
     readers = [open_weights(f) for f in checkpoint_files(folder)]
-    plan = plan_load(params, collect_sources(readers), model.config.tie_word_embeddings)
+    plan = plan_load(params, collect_sources(readers), model.config.tie_word_embeddings,
+                     {name: s[3] for name, s in slices.items()})
     # File by file, in file order: one shard's pages are touched at a time.
     order = sorted(plan.items(), key=lambda kv: (readers.index(kv[1][0]), kv[1][0].entries[kv[1][1]][2]))
     for name, (reader, key) in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
         param = params[name]
-        param.set_data(to_tensor(reader.get(key), param.dtype))
+        arr = reader.get_slice(key, *slices[name][:3]) if name in slices else reader.get(key)
+        param.set_data(to_tensor(arr, param.dtype))
     return model
 
 
@@ -381,10 +459,18 @@ def to_tensor(arr, dtype):
     return Tensor(arr, dtype=dtype)  # bfloat16: numpy has no such dtype, MindSpore casts
 
 
-def load_pretrained(cls, path_or_hub_id, policy=None, progress=True):
+def load_pretrained(cls, path_or_hub_id, policy=None, progress=True, tensor_parallel_size=None):
+    """tensor_parallel_size N > 1: this process is one of the N ranks of an msrun job; it holds and reads
+    its 1/N of the decoder (parallel.py)."""
+    from .parallel import check_tensor_parallel, init_tensor_parallel, shard_model
+
     folder = resolve_folder(str(path_or_hub_id))
     config = Qwen2VLConfig.from_pretrained(folder)
-    model = cls(config, policy)
+    if tensor_parallel_size is not None:
+        check_tensor_parallel(config.text_config, tensor_parallel_size)  # before joining the job
+    model = cls(config, policy)  # placeholders allocate nothing until loaded: sharding first is cheap
+    if tensor_parallel_size not in (None, 1):
+        shard_model(model, *init_tensor_parallel(tensor_parallel_size))
     load_weights(model, folder, progress=progress)
     model.set_train(False)
     model.name_or_path = folder
