@@ -13,6 +13,7 @@ temporary folder behind.
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -106,14 +107,21 @@ class TorchBinFile:
 
 
 # ---------------------------------------------------------------------------------------------- casting
+# Which uint16 of a float32 holds its upper half (the bfloat16 bits).
+_HIGH = 1 if sys.byteorder == "little" else 0
+
+
 def _widen(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: one float32-sized buffer, the largest tensor is 2.5 GB in bf16 for 72B
+    return wide.view(np.float32)
 
 
 def _stored(values: np.ndarray, code: str) -> np.ndarray:
     """A tensor as a reader returns it (bf16 widened to float32) -> its stored form (bf16 as 16-bit patterns)."""
     if code == "BF16":
-        return (np.ascontiguousarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        halves = np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint16)
+        return np.ascontiguousarray(halves[_HIGH::2]).reshape(np.shape(values))
     return np.ascontiguousarray(values, _NUMPY[code])
 
 
@@ -246,9 +254,13 @@ def _ms_tensor(stored: np.ndarray, code: str):
     import mindspore as ms
 
     if code == "BF16":
-        # From float32 holding exactly the bf16 values, so MindSpore's own rounding cannot change a bit.
-        return ms.Tensor(_widen(stored), dtype=ms.bfloat16)
-    return ms.Tensor(stored)
+        try:
+            # Reinterpreting the bits (Tensor.view(dtype), MindSpore >= 2.8) needs no float32 copy.
+            return ms.Tensor.from_numpy(stored).view(ms.bfloat16)
+        except (TypeError, ValueError):
+            # Older MindSpore: from float32 holding exactly the bf16 values, so its rounding changes no bit.
+            return ms.Tensor(_widen(stored), dtype=ms.bfloat16)
+    return ms.Tensor.from_numpy(stored)  # `stored` is a fresh array: the tensor may keep it
 
 
 class _SafetensorsWriter:

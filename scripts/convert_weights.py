@@ -13,7 +13,7 @@ import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="HF checkpoint folder (config.json, *.safetensors or *.bin, tokenizer)")
     p.add_argument("--dst", required=True, help="folder to create (must not exist unless --overwrite)")

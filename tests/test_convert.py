@@ -127,7 +127,8 @@ def test_sources_convert_and_load_to_hf_logits(small, bin_sharded_src, kind, fmt
     else:
         save_checkpoint(small, str(src), max_shard_size=SHARD, new_names=True)
     sources = sorted(f for f in os.listdir(src) if f.endswith((".bin", ".safetensors")))
-    summary = convert(src, dst, fmt=fmt)
+    summary = convert(src, dst, fmt=fmt, verify=kind != "bin-single")
+    assert summary.verified == (kind != "bin-single")
 
     written = sorted(f for f in os.listdir(dst) if f.endswith("." + fmt))
     assert len(written) == len(sources) == summary.files
