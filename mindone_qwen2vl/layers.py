@@ -12,7 +12,7 @@ from mindspore.common.initializer import initializer
 from .precision import NORM_DTYPE
 
 
-def _param(shape, dtype, init="zeros"):
+def new_param(shape, dtype, init="zeros"):
     # Zeros are placeholders: from_pretrained overwrites every parameter with set_data.
     return Parameter(initializer(init, shape, dtype))
 
@@ -25,8 +25,8 @@ class Linear(nn.Cell):
         self.in_features = in_features
         self.out_features = out_features
         # A shared Parameter (tied lm_head) is passed in as `weight`.
-        self.weight = weight if weight is not None else _param((out_features, in_features), dtype)
-        self.bias = _param((out_features,), dtype) if bias else None
+        self.weight = weight if weight is not None else new_param((out_features, in_features), dtype)
+        self.bias = new_param((out_features,), dtype) if bias else None
         # transpose_b keeps the weight in place: an explicit W.T is materialised on every call on CPU.
         self.matmul = ops.MatMul(transpose_b=True)
 
@@ -43,8 +43,8 @@ class LayerNorm(nn.Cell):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = _param((dim,), NORM_DTYPE, "ones")
-        self.bias = _param((dim,), NORM_DTYPE, "zeros")
+        self.weight = new_param((dim,), NORM_DTYPE, "ones")
+        self.bias = new_param((dim,), NORM_DTYPE, "zeros")
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x):
@@ -57,7 +57,7 @@ class RMSNorm(nn.Cell):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = _param((dim,), NORM_DTYPE, "ones")
+        self.weight = new_param((dim,), NORM_DTYPE, "ones")
         self.eps = eps
 
     def construct(self, x):
@@ -69,7 +69,7 @@ class RMSNorm(nn.Cell):
 class Embedding(nn.Cell):
     def __init__(self, num_embeddings, dim, dtype=ms.float32):
         super().__init__()
-        self.weight = _param((num_embeddings, dim), dtype)
+        self.weight = new_param((num_embeddings, dim), dtype)
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
