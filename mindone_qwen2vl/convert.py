@@ -13,7 +13,6 @@ temporary folder behind.
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import Qwen2VLConfig
 from .loading import (CKPT_INDEX, CKPT_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsFile,
-                      checkpoint_files, collect_sources, open_weights, plan_load)
+                      checkpoint_files, collect_sources, open_weights, plan_load, widen_bf16)
 
 __all__ = ["convert_checkpoint", "verify_checkpoint", "ConversionSummary", "TorchBinFile", "DTYPES", "FORMATS"]
 
@@ -92,39 +91,25 @@ class TorchBinFile:
         return self.entries[key][0]
 
     def get(self, key) -> np.ndarray:
-        """The tensor as numpy; bfloat16 comes back widened to float32 (exact), as from SafetensorsFile."""
+        """A fresh array for the tensor; bfloat16 comes back widened to float32 (exact), as from SafetensorsFile."""
+        arr = self.raw(key)
+        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
+
+    def raw(self, key) -> np.ndarray:
+        """A fresh array of the tensor as stored, bfloat16 as its 16-bit patterns (uint16)."""
         import torch
 
         if self._tensors is None:
             self._tensors = self._open()
         t = self._tensors[key]
-        if t.dtype == torch.bfloat16:
-            return _widen(t.contiguous().view(torch.int16).numpy().view(np.uint16))
-        return t.contiguous().numpy()
+        arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+        return np.array(arr, order="C", copy=True)  # a copy: the mapped file is unmapped when the shard closes
 
     def close(self):
         self._tensors = None
 
 
 # ---------------------------------------------------------------------------------------------- casting
-# Which uint16 of a float32 holds its upper half (the bfloat16 bits).
-_HIGH = 1 if sys.byteorder == "little" else 0
-
-
-def _widen(bits: np.ndarray) -> np.ndarray:
-    wide = bits.astype(np.uint32)
-    wide <<= 16  # in place: one float32-sized buffer, the largest tensor is 2.5 GB in bf16 for 72B
-    return wide.view(np.float32)
-
-
-def _stored(values: np.ndarray, code: str) -> np.ndarray:
-    """A tensor as a reader returns it (bf16 widened to float32) -> its stored form (bf16 as 16-bit patterns)."""
-    if code == "BF16":
-        halves = np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint16)
-        return np.ascontiguousarray(halves[_HIGH::2]).reshape(np.shape(values))
-    return np.ascontiguousarray(values, _NUMPY[code])
-
-
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, rounding to nearest even (as torch and MindSpore do); NaN stays NaN."""
     bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
@@ -140,12 +125,19 @@ def _out_code(src_code: str, target: Optional[str]) -> str:
     return target if target and src_code in _FLOAT_CODES else src_code
 
 
-def _cast(values: np.ndarray, src_code: str, out_code: str, where: str) -> np.ndarray:
-    """Reader values (bf16 widened) -> a fresh array in the stored form of `out_code`."""
+def _cast(stored: np.ndarray, src_code: str, out_code: str, where: str) -> np.ndarray:
+    """A tensor as stored (a fresh array from `reader.raw`) -> the stored form of `out_code`.
+
+    Kept in stored form throughout (bf16 as 16-bit patterns): a bf16 checkpoint kept in bf16 is copied
+    without ever being widened, which matters for the 2.5 GB embedding of the 72B model.
+    """
+    if out_code == src_code:
+        return stored
+    values = widen_bf16(stored) if src_code == "BF16" else stored
     if out_code == "BF16":
-        return _to_bf16_bits(values) if src_code != "BF16" else _stored(values, "BF16")
+        return _to_bf16_bits(values)
     with np.errstate(over="ignore"):  # overflow is reported below, as an error naming the tensor
-        out = np.array(values, dtype=_NUMPY[out_code], order="C", copy=True)
+        out = values.astype(_NUMPY[out_code], copy=False)  # a copy unless widened bf16 -> fp32
     if out_code == "F16" and src_code != "F16":
         overflow = int(np.isinf(out).sum()) - int(np.isinf(values).sum())
         if overflow:
@@ -232,7 +224,7 @@ def _expected(shards, target, progress, desc) -> Dict[str, Tuple[str, tuple, int
         for reader, items in shards:
             for name, key in items:
                 code = _out_code(reader.dtype(key), target)
-                stored = _cast(reader.get(key), reader.dtype(key), code, f"{reader.path}: {key}")
+                stored = _cast(reader.raw(key), reader.dtype(key), code, f"{reader.path}: {key}")
                 out[name] = (code, tuple(reader.shape(key)), _crc(stored))
                 bar.update(stored.nbytes)
             _close(reader)
@@ -254,13 +246,22 @@ def _ms_tensor(stored: np.ndarray, code: str):
     import mindspore as ms
 
     if code == "BF16":
+        return _bf16_tensor(stored)
+    return ms.Tensor.from_numpy(stored)  # `stored` is a fresh array: the tensor may keep it
+
+
+def _bf16_tensor(bits: np.ndarray, reinterpret=True):
+    """A MindSpore bfloat16 tensor holding exactly these bit patterns."""
+    import mindspore as ms
+
+    if reinterpret:
         try:
             # Reinterpreting the bits (Tensor.view(dtype), MindSpore >= 2.8) needs no float32 copy.
-            return ms.Tensor.from_numpy(stored).view(ms.bfloat16)
-        except (TypeError, ValueError):
-            # Older MindSpore: from float32 holding exactly the bf16 values, so its rounding changes no bit.
-            return ms.Tensor(_widen(stored), dtype=ms.bfloat16)
-    return ms.Tensor.from_numpy(stored)  # `stored` is a fresh array: the tensor may keep it
+            return ms.Tensor.from_numpy(bits).view(ms.bfloat16)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    # Older MindSpore: from float32 holding exactly the bf16 values, so its rounding changes no bit.
+    return ms.Tensor(widen_bf16(bits), dtype=ms.bfloat16)
 
 
 class _SafetensorsWriter:
@@ -314,7 +315,7 @@ def _write(folder, shards, fmt, target, sharded, progress) -> Tuple[Dict, int]:
             tensors = []
             try:
                 for (name, key), code in zip(items, codes):
-                    stored = _cast(reader.get(key), reader.dtype(key), code, f"{reader.path}: {key}")
+                    stored = _cast(reader.raw(key), reader.dtype(key), code, f"{reader.path}: {key}")
                     expected[name] = (code, tuple(reader.shape(key)), _crc(stored))
                     weight_map[name] = file_name
                     if writer:
@@ -393,7 +394,7 @@ def _check_written(folder, expected, progress=False):
                 if reader.dtype(key) != code or tuple(reader.shape(key)) != shape:
                     raise ValueError(f"{where} is {reader.dtype(key)} {list(reader.shape(key))}, the source "
                                      f"gives {code} {list(shape)}")
-                stored = _stored(reader.get(key), code)
+                stored = reader.raw(key)
                 if _crc(stored) != crc:
                     raise ValueError(f"{where}: checksum differs from the source (the data was altered)")
                 seen.add(key)

@@ -69,6 +69,13 @@ def _read_exactly(f, view, what):
         raise ValueError(f"{what} is truncated")
 
 
+def widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly, through one float32-sized buffer."""
+    wide = bits.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------- safetensors
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # bf16 read as raw bits
@@ -122,15 +129,17 @@ class SafetensorsFile:
         A plain read, not a memory map: mapped pages would stay resident beside the parameters and double
         the peak memory of a load.
         """
+        arr = self.raw(key)
+        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
+
+    def raw(self, key) -> np.ndarray:
+        """The tensor as stored, bfloat16 as its 16-bit patterns (uint16): what a converter copies and checks."""
         dtype, shape, begin, end = self.entries[key]
         raw_dtype = _ST_DTYPES[dtype]
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             arr = np.fromfile(f, dtype=raw_dtype, count=(end - begin) // np.dtype(raw_dtype).itemsize)
-        arr = arr.reshape(shape)
-        if dtype == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
+        return arr.reshape(shape)
 
     def get_slice(self, key, axis, start, stop) -> np.ndarray:
         """Indices [start, stop) along `axis` of a tensor (a tensor-parallel shard), reading only those bytes."""
@@ -281,6 +290,11 @@ class MindSporeCkptFile:
 
     def get(self, key) -> np.ndarray:
         """A fresh array for the tensor (a plain read, as SafetensorsFile); bfloat16 widened to float32."""
+        arr = self.raw(key)
+        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
+
+    def raw(self, key) -> np.ndarray:
+        """The tensor as stored, bfloat16 as its 16-bit patterns (uint16)."""
         dtype, shape = self.entries[key][:2]
         pieces = self.pieces[key]
         out = np.empty(sum(e - b for b, e in pieces), np.uint8)
@@ -291,10 +305,7 @@ class MindSporeCkptFile:
                 if f.readinto(view[at:at + end - begin]) != end - begin:
                     raise ValueError(f"{self.path}: tensor {key} is truncated")
                 at += end - begin
-        arr = out.view(_ST_DTYPES[dtype]).reshape(shape)
-        if dtype == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
+        return out.view(_ST_DTYPES[dtype]).reshape(shape)
 
     def get_slice(self, key, axis, start, stop) -> np.ndarray:
         """Indices [start, stop) along `axis`, reading only those bytes (which may span the tensor's pieces)."""

@@ -17,9 +17,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from mindone_qwen2vl import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-from mindone_qwen2vl.convert import _to_bf16_bits, convert_checkpoint, verify_checkpoint
+from mindone_qwen2vl.convert import _bf16_tensor, _to_bf16_bits, convert_checkpoint, verify_checkpoint
 from mindone_qwen2vl.loading import (MindSporeCkptFile, SafetensorsFile, canonical_name, checkpoint_files,
-                                     open_weights)
+                                     open_weights, widen_bf16)
 from tiny import IMAGE, hf_config, hf_logits, hf_model, random_pixels, rel_err, save_checkpoint, vision_block
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -201,6 +201,16 @@ def test_bf16_rounding_equals_torch():
     finite = ~np.isnan(values)
     np.testing.assert_array_equal(got[finite], want[finite])
     assert np.isnan((got[~finite].astype(np.uint32) << 16).view(np.float32)).all()
+
+
+def test_bf16_tensors_keep_their_bits_either_way():
+    """Reinterpreting uint16 as bfloat16, or the float32 route older MindSpore needs, change no bit."""
+    rng = np.random.default_rng(1)
+    bits = _to_bf16_bits(rng.standard_normal((3, 5)).astype(np.float32) * 100)
+    for reinterpret in (True, False):
+        t = _bf16_tensor(bits, reinterpret)
+        assert t.dtype == ms.bfloat16 and t.shape == (3, 5)
+        np.testing.assert_array_equal(t.float().asnumpy(), widen_bf16(bits))
 
 
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
