@@ -216,6 +216,12 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         table = ops.cat((embeds.reshape(batch * seq, -1), features))
         return ops.gather(table, Tensor(index), 0).reshape(batch, seq, -1)
 
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """Token ids with the prompt first, like HF's generate; see generation.generate for the options."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, **unused):
         ids = to_numpy(input_ids, np.int64)

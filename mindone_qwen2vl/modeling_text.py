@@ -72,8 +72,9 @@ class Qwen2VLAttention(nn.Cell):
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype)
 
-    def construct(self, x, cos, sin, mask, cache=None):
-        """cache: None, or (k_cache, v_cache, cache_position); see cache.py."""
+    def construct(self, x, cos, sin, mask, cache=None, cache_position=None):
+        """cache: None, or a cache.LayerKVCache that stores this call's keys/values at cache_position [S]
+        and returns the whole cache to attend over (mask then covers the cache length)."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -83,7 +84,7 @@ class Qwen2VLAttention(nn.Cell):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v)
+            k, v = cache.update(k, v, cache_position)
         out = decoder_attention(q, k, v, mask, self.scale, self.attn_implementation, self.flash_dtype)
         return self.o_proj(out)
 
@@ -96,8 +97,8 @@ class Qwen2VLDecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def construct(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def construct(self, x, cos, sin, mask, cache=None, cache_position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,9 +113,10 @@ class Qwen2VLTextModel(nn.Cell):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2VLRotaryEmbedding(config)
 
-    def construct(self, inputs_embeds, position_ids, mask, caches=None):
+    def construct(self, inputs_embeds, position_ids, mask, caches=None, cache_position=None):
+        """caches: None, or the per-layer KV caches (cache.StaticCache.layers) written at cache_position."""
         cos, sin = self.rotary_emb(position_ids)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i])
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_position)
         return self.norm(x)

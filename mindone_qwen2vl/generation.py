@@ -1,0 +1,397 @@
+"""generate(): prefill, a decode step that compiles once per (batch, bucket), HF's logits processing and
+sampling, left-padded batches, streaming.
+
+One call:
+  host    options (arguments > the checkpoint's generation_config.json > HF's defaults), rope index and
+          rope_deltas, the key mask over the cache bucket, the prompt embedding (the vision tower runs here, once)
+  device  `Prefill`: the whole prompt, written to the cache at positions 0..S-1; logits of the last position
+  loop    host: next tokens from the logits (`TokenChooser`), pad for finished rows, streamer, eos
+          device `DecodeOneToken`: one token per row written at position S+t; its position ids (t + S +
+          rope_deltas) and its attention mask are computed in the graph, so its inputs keep their shapes and
+          the graph is compiled once for the whole generation (and reused by later calls of the same shape).
+Per-token host work has a fixed size ([batch, vocab] logits, [batch] ids): nothing grows with the sequence.
+Everything a generation needs (cache positions, rope_deltas, the mask) is built from this call's inputs;
+the compiled steps and their cache memory are kept on the model for reuse, holding no state of a call.
+"""
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from tqdm.auto import tqdm
+
+from .cache import StaticCache, bucket_length
+
+# HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
+HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
+                   max_new_tokens=None, min_new_tokens=0)
+CACHE_BUCKET = 128  # cache lengths are multiples of this, so nearby prompt lengths share a decode graph
+MAX_RUNNERS = 2  # compiled (batch, bucket) shapes kept per model, each with its KV cache memory
+
+
+# ---------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    eos_token_id: Tuple[int, ...]
+    pad_token_id: Optional[int]
+
+
+def checkpoint_generation_config(model) -> dict:
+    """The generation_config.json of the folder the model was loaded from ({} when there is none)."""
+    folder = getattr(model, "name_or_path", None)
+    path = os.path.join(folder, "generation_config.json") if folder else None
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable generation config ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _as_int(value, name, minimum, what):
+    """value as an int >= minimum, or a ValueError naming the option."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def _as_float(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _id_list(value, name):
+    if value is None:
+        return ()
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    return tuple(_as_int(v, name, 0, "a token id or a list of token ids (non-negative ints)") for v in values)
+
+
+def resolve_options(model, prompt_length, **given) -> GenerationOptions:
+    """Options of one call: the arguments, else the checkpoint's generation_config.json, else HF's defaults."""
+    saved = checkpoint_generation_config(model)
+
+    def pick(name):
+        if given.get(name) is not None:
+            return given[name]
+        if saved.get(name) is not None:
+            return saved[name]
+        return HF_DEFAULTS.get(name)
+
+    max_new = pick("max_new_tokens")
+    if max_new is None:
+        max_length = _as_int(pick("max_length"), "max_length", 1, "a positive int")
+        max_new = max_length - prompt_length
+        if max_new <= 0:
+            raise ValueError(f"the prompt is {prompt_length} tokens long but max_length is {max_length}: "
+                             "pass max_new_tokens (tokens to generate after the prompt)")
+    max_new = _as_int(max_new, "max_new_tokens", 1, "a positive int")
+    min_new = _as_int(pick("min_new_tokens"), "min_new_tokens", 0, "a non-negative int")
+    do_sample = bool(pick("do_sample"))
+    top_k = _as_int(pick("top_k"), "top_k", 0, "a non-negative int (0 disables it)")
+    temperature, top_p, penalty = (_as_float(pick(n), n) for n in ("temperature", "top_p", "repetition_penalty"))
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+
+    eos = _id_list(given["eos_token_id"] if given.get("eos_token_id") is not None
+                   else saved.get("eos_token_id", model.config.eos_token_id), "eos_token_id")
+    pad = pick("pad_token_id")
+    if pad is None:
+        pad = model.config.pad_token_id
+    if pad is None and eos:
+        pad = eos[0]  # as HF does: finished rows repeat the first eos id
+    if pad is not None:
+        pad = _id_list(pad, "pad_token_id")
+        if len(pad) != 1:
+            raise ValueError(f"pad_token_id must be one token id, got {pad}")
+        pad = pad[0]
+    return GenerationOptions(max_new, min_new, do_sample, temperature, top_k, top_p, penalty, eos, pad)
+
+
+# ---------------------------------------------------------------------------------------------- choosing
+class TokenChooser:
+    """HF's logits processing for one call, on the host in float32: repetition penalty and min_new_tokens
+    (also when greedy), then, when sampling, temperature, top-k and top-p, and a draw.
+
+    The tokens seen so far (prompt, padding included, and everything generated) are a [batch, vocab] mask
+    updated by `observe`, so the per-token work does not grow with the sequence.
+    """
+
+    def __init__(self, options: GenerationOptions, prompt_ids, vocab_size, rng=None):
+        self.o = options
+        self.vocab_size = vocab_size
+        self.rng = rng
+        self.eos = np.array([e for e in options.eos_token_id if e < vocab_size], np.int64)
+        self.seen = None
+        if options.repetition_penalty != 1.0:
+            self.seen = np.zeros((prompt_ids.shape[0], vocab_size), bool)
+            rows = np.repeat(np.arange(prompt_ids.shape[0]), prompt_ids.shape[1])
+            ids = prompt_ids.reshape(-1)
+            keep = (ids >= 0) & (ids < vocab_size)
+            self.seen[rows[keep], ids[keep]] = True
+
+    def observe(self, tokens):
+        if self.seen is not None:
+            keep = (tokens >= 0) & (tokens < self.vocab_size)
+            self.seen[np.nonzero(keep)[0], tokens[keep]] = True
+
+    def __call__(self, logits, step):
+        """logits [batch, vocab] float32 of the last position -> next tokens [batch] int64."""
+        return self.pick(self.process(logits, step))
+
+    def process(self, logits, step):
+        """HF's processors in HF's order (repetition penalty, min_new_tokens; temperature when sampling)."""
+        scores = np.array(logits, np.float32)
+        if self.seen is not None:
+            p = np.float32(self.o.repetition_penalty)
+            penalised = np.where(scores < 0, scores * p, scores / p)
+            scores = np.where(self.seen, penalised, scores)
+        if step < self.o.min_new_tokens and self.eos.size:
+            scores[:, self.eos] = -np.inf
+        if self.o.do_sample and self.o.temperature != 1.0:
+            scores = scores / np.float32(self.o.temperature)
+        return scores
+
+    def pick(self, scores):
+        if not self.o.do_sample:
+            return scores.argmax(-1).astype(np.int64)
+        return np.array([self._sample(row) for row in scores], np.int64)
+
+    def candidates(self, x):
+        """The token ids top-k and top-p leave to draw from, for one row of scores (None: all of them)."""
+        vocab = x.shape[0]
+        cand = None
+        k = min(max(self.o.top_k, 1), vocab) if self.o.top_k else 0
+        if k and k < vocab:
+            kth = np.partition(x, vocab - k)[vocab - k]
+            cand = np.flatnonzero(x >= kth)  # ties with the k-th score stay, as in HF
+        if self.o.top_p < 1.0:
+            cand = self._nucleus(x, cand)
+        return cand
+
+    def _sample(self, x):
+        cand = self.candidates(x)
+        logits = x if cand is None else x[cand]
+        finite = np.isfinite(logits)
+        if not finite.any():
+            raise ValueError("every token has probability 0 after the logits processors (all scores are -inf)")
+        probs = np.exp(logits.astype(np.float64) - logits[finite].max())
+        cdf = np.cumsum(probs)
+        i = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+        return i if cand is None else int(cand[i])
+
+    def _nucleus(self, x, cand):
+        """HF's top-p: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p, keep the
+        most probable always. Only the most probable tokens can survive, so a partial sort of enough of
+        them to cover top_p replaces the full sort of the vocabulary."""
+        support = np.arange(x.shape[0]) if cand is None else cand
+        logits = x[support].astype(np.float32)
+        shifted = np.exp((logits - logits.max()).astype(np.float64))
+        probs = shifted / shifted.sum()
+        m = min(256, len(support))
+        while True:
+            top = np.argpartition(-probs, m - 1)[:m] if m < len(support) else np.arange(len(support))
+            mass = probs[top].sum()
+            if mass >= self.o.top_p or m == len(support):
+                break
+            m = min(m * 4, len(support))
+        order = top[np.argsort(logits[top], kind="stable")]  # ascending, as HF sorts
+        cumulative = (1.0 - mass) + np.cumsum(probs[order])
+        remove = cumulative <= 1.0 - self.o.top_p
+        remove[-1] = False
+        return support[order[~remove]]
+
+
+# ---------------------------------------------------------------------------------------------- device steps
+class _CachedDecoder(nn.Cell):
+    """The model's decoder and lm_head with a StaticCache; the model's parameters are shared, not copied."""
+
+    def __init__(self, model, cache: StaticCache):
+        # No prefix: holding the model's cells here must not rename their parameters.
+        super().__init__(auto_prefix=False)
+        self.text = model.model
+        self.lm_head = model.lm_head
+        self.cache = cache
+
+    def last_logits(self, hidden):
+        b = hidden.shape[0]
+        return self.lm_head(hidden[:, -1:]).astype(ms.float32).reshape(b, -1)
+
+
+class Prefill(_CachedDecoder):
+    """The prompt: writes its keys/values at cache_position [S] and returns the last position's logits [B, V]."""
+
+    def construct(self, inputs_embeds, position_ids, cache_position, key_mask):
+        mask = self.cache.attention_mask(key_mask, cache_position)
+        hidden = self.text(inputs_embeds, position_ids, mask, self.cache.layers, cache_position)
+        return self.last_logits(hidden)
+
+
+class DecodeOneToken(_CachedDecoder):
+    """One token per row at cache_position [1] -> logits [B, V]. Its inputs have the same shapes at every
+    step, so GRAPH_MODE compiles it once per (batch, bucket)."""
+
+    def construct(self, input_ids, cache_position, rope_deltas, key_mask):
+        b = input_ids.shape[0]
+        embeds = self.text.embed_tokens(input_ids)
+        # The three M-RoPE axes advance together after the prompt: position = index + rope_deltas.
+        position_ids = ops.broadcast_to((rope_deltas + cache_position).reshape(1, b, 1), (3, b, 1))
+        mask = self.cache.attention_mask(key_mask, cache_position)
+        hidden = self.text(embeds, position_ids, mask, self.cache.layers, cache_position)
+        return self.last_logits(hidden)
+
+
+class _Runner:
+    def __init__(self, model, batch, bucket):
+        self.cache = StaticCache(model.config.text_config, batch, bucket, model.policy.compute_dtype)
+        self.prefill = Prefill(model, self.cache)
+        self.decode = DecodeOneToken(model, self.cache)
+
+
+def _runner(model, batch, bucket) -> _Runner:
+    runners = getattr(model, "_generation_runners", None)
+    if runners is None:
+        runners = OrderedDict()
+        model._generation_runners = runners
+    key = (batch, bucket)
+    if key in runners:
+        runners.move_to_end(key)
+        return runners[key]
+    while len(runners) >= MAX_RUNNERS:
+        runners.popitem(last=False)
+    runners[key] = _Runner(model, batch, bucket)
+    return runners[key]
+
+
+def compiled_graphs(model):
+    """{(batch, bucket): {"prefill": n, "decode": n}}: graphs compiled so far per generation shape (GRAPH_MODE;
+    0 in pynative). The decode step must stay at 1 per shape however many tokens are generated."""
+    return {key: {"prefill": len(r.prefill.compile_cache), "decode": len(r.decode.compile_cache)}
+            for key, r in getattr(model, "_generation_runners", {}).items()}
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _prompt(model, input_ids, attention_mask):
+    from .modeling_qwen2_vl import to_numpy
+
+    if input_ids is None:
+        raise ValueError("generate needs input_ids (the processor's output: model.generate(**inputs))")
+    ids = to_numpy(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids of shape [batch, seq], got {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64)
+    if attention_mask is None:
+        return ids, np.ones_like(ids)
+    mask = to_numpy(attention_mask).astype(np.int64)
+    if mask.shape != ids.shape:
+        mask = mask.reshape(ids.shape) if mask.size == ids.size else None
+    if mask is None or not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"attention_mask must be 0/1 of the shape of input_ids {ids.shape}, got "
+                         f"{to_numpy(attention_mask).shape}")
+    if not mask[:, -1].all():
+        rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
+        raise ValueError(f"rows {rows} of the batch end in padding: generation needs left padding "
+                         "(processor/tokenizer padding_side='left')")
+    return ids, mask
+
+
+def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None, min_new_tokens=None,
+             max_length=None, do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+             eos_token_id=None, pad_token_id=None, streamer=None, progress=False, use_cache=True, **unknown):
+    """Generate after the prompt, like HF's `generate` for greedy search and sampling.
+
+    Takes the processor's dict (numpy or ms.Tensor): `model.generate(**inputs, max_new_tokens=128)`.
+    Options left as None come from the checkpoint's generation_config.json, then HF's defaults (greedy unless
+    the checkpoint says do_sample; eos from generation_config.json, else config.eos_token_id; pad from them,
+    else the first eos id). `eos_token_id` may be one id or a list. Rows that finish (emit an eos id) are
+    filled with pad_token_id; generation stops when every row has finished or after max_new_tokens.
+    `streamer` gets HF's calls: `put(prompt ids [B, S])`, `put(new ids [B])` per step, then `end()`
+    (`transformers.TextStreamer` / `TextIteratorStreamer` work). Sampling draws its seed from MindSpore's
+    RNG, so `ms.set_seed(n)` makes it repeatable.
+
+    Returns the ids with the prompt first, [batch, prompt + new] int64, like HF: a numpy array, or an
+    ms.Tensor when input_ids was one (so `out[:, inputs["input_ids"].shape[1]:]` and
+    `processor.batch_decode` work as with HF).
+    """
+    if unknown:
+        raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
+    if not use_cache:
+        raise ValueError("use_cache=False is not supported: generation always uses the static KV cache")
+    ids, mask = _prompt(model, input_ids, attention_mask)
+    batch, seq = ids.shape
+    if not mask.any(-1).all():
+        raise ValueError(f"rows {np.nonzero(~mask.any(-1))[0].tolist()} of attention_mask are all padding")
+    options = resolve_options(model, seq, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id)
+
+    embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
+    runner = _runner(model, batch, bucket_length(seq + options.max_new_tokens, CACHE_BUCKET))
+    key_mask = np.ones((batch, runner.cache.max_len), np.int32)  # generated positions are all real tokens
+    key_mask[:, :seq] = mask
+    key_mask = Tensor(key_mask)
+    rope_deltas = Tensor(rope_deltas.astype(np.int32))
+
+    rng = None
+    if options.do_sample:
+        rng = np.random.default_rng(int(ops.randint(0, 2 ** 31 - 1, (1,), dtype=ms.int64).asnumpy()[0]))
+    chooser = TokenChooser(options, ids, model.config.text_config.vocab_size, rng)
+    eos = np.array(options.eos_token_id, np.int64)
+    new = np.empty((batch, options.max_new_tokens), np.int64)
+    unfinished = np.ones(batch, bool)
+    steps = 0
+    bar = tqdm(total=options.max_new_tokens, desc="Generating", unit="token", disable=not progress)
+    try:
+        if streamer is not None:
+            streamer.put(ids.copy())
+        logits = runner.prefill(embeds, Tensor(position_ids.astype(np.int32)), Tensor(np.arange(seq, dtype=np.int32)),
+                                key_mask)
+        for step in range(options.max_new_tokens):
+            tokens = chooser(logits.asnumpy(), step)
+            if eos.size and options.pad_token_id is not None:
+                tokens = np.where(unfinished, tokens, options.pad_token_id)
+            new[:, step] = tokens
+            steps += 1
+            chooser.observe(tokens)
+            if streamer is not None:
+                streamer.put(tokens.copy())
+            bar.update(1)
+            if eos.size:
+                unfinished &= ~np.isin(tokens, eos)
+            if not unfinished.any() or step + 1 == options.max_new_tokens:
+                break
+            logits = runner.decode(Tensor(tokens.astype(np.int32).reshape(batch, 1)),
+                                   Tensor(np.array([seq + step], np.int32)), rope_deltas, key_mask)
+    finally:
+        bar.close()
+        if streamer is not None:
+            streamer.end()
+    out = np.concatenate([ids, new[:, :steps]], axis=1)
+    return Tensor(out, ms.int64) if isinstance(input_ids, Tensor) else out
