@@ -14,7 +14,9 @@ setup(
     install_requires=[
         "mindspore>=2.5",  # 2.10.0 is the tested version
         "numpy<2",  # MindSpore fails at its first op with numpy 2
-        "transformers>=4.49",  # 4.57.1 is the tested version
+        # The tested version: transformers 5 needs torchvision in the image processor, which is not
+        # installable here, and processor details shift between releases.
+        "transformers==4.57.1",
         "tokenizers",
         "pillow",
         # decord ships wheels for x86-64 only; elsewhere (aarch64 Ascend hosts) PyAV decodes.
