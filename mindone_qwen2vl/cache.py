@@ -55,11 +55,13 @@ class StaticCache(nn.Cell):
     `layers` is what `Qwen2VLTextModel.construct(..., caches=, cache_position=)` takes.
     """
 
-    def __init__(self, text_config, batch, max_len, dtype=ms.float32):
+    def __init__(self, text_config, batch, max_len, dtype=ms.float32, kv_heads=None):
+        """kv_heads: the KV heads the decoder holds in this process; under tensor parallelism (parallel.py)
+        a rank holds fewer than the config's num_key_value_heads."""
         super().__init__(auto_prefix=False)
         self.batch = batch
         self.max_len = max_len
-        kv_heads, head_dim = text_config.num_key_value_heads, text_config.head_dim
+        kv_heads, head_dim = kv_heads or text_config.num_key_value_heads, text_config.head_dim
         self.layers = nn.CellList([
             LayerKVCache(batch, kv_heads, max_len, head_dim, dtype, f"kv_cache.{i}")
             for i in range(text_config.num_hidden_layers)

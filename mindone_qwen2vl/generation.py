@@ -265,7 +265,8 @@ class DecodeOneToken(_CachedDecoder):
 
 class _Runner:
     def __init__(self, model, batch, bucket):
-        self.cache = StaticCache(model.config.text_config, batch, bucket, model.policy.compute_dtype)
+        self.cache = StaticCache(model.config.text_config, batch, bucket, model.policy.compute_dtype,
+                                 kv_heads=model.model.layers[0].self_attn.num_kv_heads)
         self.prefill = Prefill(model, self.cache)
         self.decode = DecodeOneToken(model, self.cache)
 

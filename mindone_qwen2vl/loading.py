@@ -59,9 +59,7 @@ def read_slice(read_into, dtype, shape, axis, start, stop) -> np.ndarray:
     for i in range(outer):
         read_into((i * shape[axis] + start) * inner, view[i * run:(i + 1) * run])
     arr = out.view(raw).reshape(shape[:axis] + (stop - start,) + tuple(shape[axis + 1:]))
-    if dtype == "BF16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr
+    return widen_bf16(arr) if dtype == "BF16" else arr
 
 
 def _read_exactly(f, view, what):

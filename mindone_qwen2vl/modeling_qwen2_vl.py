@@ -138,17 +138,20 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation=None, policy=None,
-                        **kwargs):
+                        tensor_parallel_size=None, **kwargs):
         """Load a HF-format (or converted) checkpoint folder or hub id.
 
         mindspore_dtype / attn_implementation go through the precision policy (precision.resolve_policy):
         on a CPU, bf16 falls back to float32 and flash attention to eager, with a warning. `policy` gives a
         PrecisionPolicy directly instead.
+        tensor_parallel_size=N splits the decoder over the N processes of an msrun job (parallel.py); each
+        process loads and holds its 1/N.
         """
         from .loading import load_pretrained
 
         policy = policy or resolve_policy(mindspore_dtype, attn_implementation)
-        return load_pretrained(cls, path_or_hub_id, policy=policy, **kwargs)
+        return load_pretrained(cls, path_or_hub_id, policy=policy, tensor_parallel_size=tensor_parallel_size,
+                               **kwargs)
 
     # The orchestration below runs numpy on the host, so it must not be compiled as a graph: calling the
     # model goes straight to `forward`; its cells compile on their own in GRAPH_MODE.

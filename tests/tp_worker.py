@@ -1,11 +1,12 @@
 """One rank of the tensor-parallel test job (tests/test_parallel.py starts it with msrun, 2 workers).
 
-usage: msrun --worker_num=2 --local_worker_num=2 ... tests/tp_worker.py OUT_DIR INPUTS.npz TAG=FOLDER ...
+usage: msrun --worker_num=2 --local_worker_num=2 ... tests/tp_worker.py OUT_DIR INPUTS.npz TAG[:MODES]=FOLDER ...
 
 For each checkpoint folder it loads the single-process model and the tensor-parallel one in this process,
 runs both on the inputs (pynative, then the parallel one in graph mode) and writes what the test checks to
-OUT_DIR/rank<r>.npz: logits, the bytes of decoder parameters, local shapes, greedy tokens. Generation
-errors are recorded rather than raised, so the logits checks stand on their own.
+OUT_DIR/rank<r>.npz: logits, the bytes of decoder parameters, local shapes. MODES (e.g. "pynative,graph")
+also compares greedy generation of the parallel model in those modes with the single process's (pynative);
+generation errors are recorded rather than raised, so the logits checks stand on their own.
 """
 # mindspore first: importing decord before it aborts the process.
 import mindspore as ms
@@ -19,6 +20,7 @@ from mindone_qwen2vl import Qwen2VLForConditionalGeneration
 from mindone_qwen2vl.parallel import init_tensor_parallel, is_main_rank
 
 NEW_TOKENS = 5
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 
 
 def decoder_bytes(model):
@@ -38,7 +40,8 @@ def main(out_dir, inputs_path, *checkpoints):
         out["wrong_size_error"] = str(e)
     inputs = dict(np.load(inputs_path))
     for spec in checkpoints:
-        tag, folder = spec.split("=", 1)
+        name, folder = spec.split("=", 1)
+        tag, _, modes = name.partition(":")
         ms.set_context(mode=ms.PYNATIVE_MODE)
         single = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False)
         tp = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False, tensor_parallel_size=2)
@@ -50,15 +53,16 @@ def main(out_dir, inputs_path, *checkpoints):
         out[f"{tag}/tp_pynative"] = tp(**inputs).logits.asnumpy()
         ms.set_context(mode=ms.GRAPH_MODE)
         out[f"{tag}/tp_graph"] = tp(**inputs).logits.asnumpy()
-        if hasattr(tp, "generate"):
-            for mode_name, mode in (("pynative", ms.PYNATIVE_MODE), ("graph", ms.GRAPH_MODE)):
-                ms.set_context(mode=mode)
-                try:
-                    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
-                    out[f"{tag}/tokens_tp_{mode_name}"] = as_numpy(tp.generate(**inputs, **kw))
-                    out[f"{tag}/tokens_single_{mode_name}"] = as_numpy(single.generate(**inputs, **kw))
-                except Exception:  # recorded for the test to show; the other checks still get their data
-                    out[f"{tag}/generate_error_{mode_name}"] = traceback.format_exc()
+        if modes and hasattr(tp, "generate"):
+            kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+            try:
+                ms.set_context(mode=ms.PYNATIVE_MODE)
+                out[f"{tag}/tokens_single"] = as_numpy(single.generate(**inputs, **kw))
+                for mode in modes.split(","):
+                    ms.set_context(mode=MODES[mode])
+                    out[f"{tag}/tokens_tp_{mode}"] = as_numpy(tp.generate(**inputs, **kw))
+            except Exception:  # recorded for the test to show; the logits checks still get their data
+                out[f"{tag}/generate_error"] = traceback.format_exc()
         del single, tp
     ms.set_context(mode=ms.PYNATIVE_MODE)
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
