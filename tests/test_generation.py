@@ -133,3 +133,40 @@ def test_ms_tensor_in_ms_tensor_out(tiny_ours):
     out = tiny_ours.generate(input_ids=ms.Tensor(inputs["input_ids"]), max_new_tokens=2)
     assert isinstance(out, ms.Tensor) and out.dtype == ms.int64
     np.testing.assert_array_equal(out.asnumpy()[:, :8], inputs["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def flash_pair(tmp_path_factory):
+    """The same checkpoint loaded with eager and with flash attention (the kernel emulated on CPU, in fp32).
+    The emulated kernel wants head sizes that are multiples of 16: vision 32/2, text 64/4."""
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+    from mindone_qwen2vl.precision import PrecisionPolicy
+    from tiny import hf_config, hf_model, save_checkpoint
+
+    folder = save_checkpoint(hf_model(hf_config(vision_heads=2), seed=7), str(tmp_path_factory.mktemp("flash")))
+    eager = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False)
+    flash = Qwen2VLForConditionalGeneration.from_pretrained(
+        folder, progress=False, policy=PrecisionPolicy(attn_implementation="flash_attention_2", flash_dtype=ms.float32))
+    return eager, flash
+
+
+def test_flash_attention_path_generates_the_same(flash_pair):
+    """The Ascend default: prefill and decode masks over the cache bucket go through flash_attention_score.
+    Pynative only: there the emulation logs its calls (and graph mode would compile two more models)."""
+    import flash_emulation
+    from mindone_qwen2vl.attention import FLASH_KERNEL
+
+    eager, flash = flash_pair
+    inputs = case_inputs("mixed_left_padded_batch")
+    n = NEW_TOKENS["pynative"]
+    FLASH_KERNEL["fn"] = flash_emulation.emulated_flash_attention_score
+    flash_emulation.CALLS.clear()
+    try:
+        ours = flash.generate(**inputs, max_new_tokens=n)
+    finally:
+        FLASH_KERNEL["fn"] = None
+    seq = inputs["input_ids"].shape[1]
+    bnsd = [call for call in flash_emulation.CALLS if call[0] == "BNSD"]
+    assert {call[2][2:] for call in bnsd} == {(seq, 16), (1, 16)}  # prefill and decode queries
+    assert {call[3][2] for call in bnsd} == {128}  # keys: the whole cache bucket
+    np.testing.assert_array_equal(ours, eager.generate(**inputs, max_new_tokens=n))
