@@ -467,6 +467,17 @@ def _check_paths(src, dst, overwrite):
             raise FileExistsError(f"{dst} exists and is not a folder; refusing to replace it")
 
 
+def _make_parents(folder) -> List[str]:
+    """makedirs, returning the folders it created, deepest first."""
+    created = []
+    while not os.path.isdir(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    for path in reversed(created):
+        os.mkdir(path)
+    return created
+
+
 def _publish(tmp, dst):
     """Rename the finished folder to DST; an existing DST (--overwrite) is swapped out, then deleted."""
     old = None
@@ -503,7 +514,7 @@ def convert_checkpoint(src, dst, dtype: Optional[str] = None, fmt: str = "ckpt",
     try:
         shards = _plan(src, config, readers)
         parent = os.path.dirname(os.path.abspath(dst))
-        os.makedirs(parent, exist_ok=True)
+        created = _make_parents(parent)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; DST should look like any folder
@@ -515,6 +526,11 @@ def convert_checkpoint(src, dst, dtype: Optional[str] = None, fmt: str = "ckpt",
             _publish(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # deepest first; only the ones made here, and only if still empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
             raise
     finally:
         for r in readers:
