@@ -18,6 +18,7 @@ setup(
         # installable here, and processor details shift between releases.
         "transformers==4.57.1",
         "tokenizers",
+        "jinja2",  # chat templates; transformers does not require it and torch (which brings it) is optional
         "pillow",
         # decord ships wheels for x86-64 only; elsewhere (aarch64 Ascend hosts) PyAV decodes.
         "decord; platform_machine == 'x86_64' or platform_machine == 'AMD64'",

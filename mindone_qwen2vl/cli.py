@@ -426,8 +426,8 @@ def _write_atomically(path, lines):
 
 def run(settings: Settings, say):
     """Load, preprocess, generate, print. `say(text)` writes a diagnostic line on stderr (rank 0 only)."""
-    import mindspore as ms
-
+    # transformers' advice that torch is absent is beside the point: only its tokenizer and processors are used.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from .default_model import RANDOM_WEIGHTS_NOTICE, default_checkpoint
 
     t = time.perf_counter()
