@@ -5,7 +5,9 @@
 
 The whole checkpoint is checked against `config.json` from the file headers before any tensor is read
 (names through loading.py's renaming table, shapes through the model's own parameters). Then one source
-shard at a time is read, cast and written as one MindSpore shard, so peak memory is about the largest shard.
+shard at a time is read, cast and written as one MindSpore shard. `ms.save_checkpoint` takes a whole file at
+once, so a .ckpt shard is held in memory (plus the save's copies of one tensor): peak about the largest shard
+plus the largest tensor. MindSpore safetensors are written tensor by tensor: peak about the largest tensor.
 Everything goes into a hidden folder beside DST, is read back and compared with the source (name, shape,
 dtype, CRC-32 of the stored bytes), and only then renamed to DST: a failure leaves neither DST nor the
 temporary folder behind.
