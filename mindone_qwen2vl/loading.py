@@ -381,7 +381,8 @@ def resolve_folder(path_or_hub_id) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        patterns = ["*.json", "*.safetensors", "*.ckpt", "*.txt", "*.jinja"]  # weights, configs, tokenizer
+        return snapshot_download(path_or_hub_id, allow_patterns=patterns)
     except Exception as e:  # the hub client raises many types; the user needs the id and the reason
         raise OSError(f"could not download {path_or_hub_id} from the Hugging Face Hub: {e}") from None
 
