@@ -18,4 +18,4 @@ test: install-test
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) scripts/test_vqa.py --image mindone_qwen2vl/assets/demo.jpg --prompt "Describe this image."
+	$(PY) scripts/test_vqa.py --image mindone_qwen2vl/assets/demo.jpg --prompt "Describe this image." --max_new_tokens 32
