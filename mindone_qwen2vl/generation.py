@@ -362,7 +362,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
     rng = None
     if options.do_sample:
-        rng = np.random.default_rng(int(ops.randint(0, 2 ** 31 - 1, (1,), dtype=ms.int64).asnumpy()[0]))
+        seed = int(ops.randint(0, 2 ** 31 - 1, (1,), dtype=ms.int64).asnumpy()[0])
+        if getattr(model, "tensor_parallel", None):
+            from .parallel import same_on_all_ranks
+
+            seed = same_on_all_ranks(seed)  # every rank must draw the same tokens
+        rng = np.random.default_rng(seed)
     chooser = TokenChooser(options, ids, model.config.text_config.vocab_size, rng)
     eos = np.array(options.eos_token_id, np.int64)
     new = np.empty((batch, options.max_new_tokens), np.int64)

@@ -17,7 +17,8 @@ only that slice, so a rank holds and reads about 1/N of the decoder.
 """
 import os
 
-from mindspore import Parameter, nn, ops
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from .layers import Linear
@@ -83,6 +84,16 @@ def is_main_rank():
 
 def _world_group():
     return _communication().GlobalComm.WORLD_COMM_GROUP
+
+
+def same_on_all_ranks(value: int) -> int:
+    """Rank 0's integer on every rank. Host-side choices that feed the next step (the sampling seed) must
+    agree, or the ranks would feed different tokens and stop at different steps, one waiting forever in a
+    collective the other never reaches."""
+    if get_world_size() == 1:
+        return value
+    x = Tensor(np.array([value], np.int64))
+    return int(ops.Broadcast(0, group=_world_group())((x,))[0].asnumpy()[0])
 
 
 # ---------------------------------------------------------------------------------------------- the split

@@ -167,6 +167,15 @@ def test_greedy_tokens_identical_on_every_rank_and_to_single_process(job, tag, m
     np.testing.assert_array_equal(ranks[0][f"{tag}/tokens_tp_{mode}"], ranks[1][f"{tag}/tokens_tp_{mode}"])
 
 
+@pytest.mark.skipif(not hasattr(Qwen2VLForConditionalGeneration, "generate"),
+                    reason="Qwen2VLForConditionalGeneration.generate has not landed yet")
+def test_sampling_without_a_seed_draws_the_same_tokens_on_every_rank(job):
+    _, ranks, _ = job
+    for tag in ("tied", "kv_replicated"):
+        assert ranks[0].get(f"{tag}/generate_error") is None
+        np.testing.assert_array_equal(ranks[0][f"{tag}/tokens_tp_sampled"], ranks[1][f"{tag}/tokens_tp_sampled"])
+
+
 # ---------------------------------------------------------------------------------------------- in one process
 def text_config(heads, kv, intermediate=128, vocab=1024):
     return Qwen2VLTextConfig(hidden_size=heads * 16, num_attention_heads=heads, num_key_value_heads=kv,

@@ -61,6 +61,9 @@ def main(out_dir, inputs_path, *checkpoints):
                 for mode in modes.split(","):
                     ms.set_context(mode=MODES[mode])
                     out[f"{tag}/tokens_tp_{mode}"] = as_numpy(tp.generate(**inputs, **kw))
+                # No seed set: each process's MindSpore RNG differs, the ranks must still sample alike.
+                kw["do_sample"] = True
+                out[f"{tag}/tokens_tp_sampled"] = as_numpy(tp.generate(**inputs, **kw))
             except Exception:  # recorded for the test to show; the logits checks still get their data
                 out[f"{tag}/generate_error"] = traceback.format_exc()
         del single, tp
