@@ -4,7 +4,9 @@ sampling, left-padded batches, streaming.
 One call:
   host    options (arguments > the checkpoint's generation_config.json > HF's defaults), rope index and
           rope_deltas, the key mask over the cache bucket, the prompt embedding (the vision tower runs here, once)
-  device  `Prefill`: the whole prompt, written to the cache at positions 0..S-1; logits of the last position
+  device  `Prefill`: the whole prompt, written to the cache at positions 0..S-1; logits of the last position.
+          In GRAPH_MODE the prompt is first left-padded (masked) to a multiple of PROMPT_BUCKET so that prompts
+          of nearby lengths reuse one compiled prefill.
   loop    host: next tokens from the logits (`TokenChooser`), pad for finished rows, streamer, eos
           device `DecodeOneToken`: one token per row written at position S+t; its position ids (t + S +
           rope_deltas) and its attention mask are computed in the graph, so its inputs keep their shapes and
@@ -30,6 +32,9 @@ from .cache import StaticCache, bucket_length
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
                    max_new_tokens=None, min_new_tokens=0)
 CACHE_BUCKET = 128  # cache lengths are multiples of this, so nearby prompt lengths share a decode graph
+# In GRAPH_MODE prompts are left-padded (masked) to a multiple of this, so that prompts of nearby lengths share
+# a prefill graph too: a 28-layer graph takes 10-30 s to compile, padding a few masked tokens takes nothing.
+PROMPT_BUCKET = 64
 MAX_RUNNERS = 2  # compiled (batch, bucket) shapes kept per model, each with its KV cache memory
 
 
@@ -320,6 +325,15 @@ def _prompt(model, input_ids, attention_mask):
     return ids, mask
 
 
+def _left_pad(ids, mask, multiple, pad_id):
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return ids, mask
+    batch = ids.shape[0]
+    return (np.concatenate([np.full((batch, extra), pad_id, ids.dtype), ids], 1),
+            np.concatenate([np.zeros((batch, extra), mask.dtype), mask], 1))
+
+
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None, min_new_tokens=None,
              max_length=None, do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
@@ -333,7 +347,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     filled with pad_token_id; generation stops when every row has finished or after max_new_tokens.
     `streamer` gets HF's calls: `put(prompt ids [B, S])`, `put(new ids [B])` per step, then `end()`
     (`transformers.TextStreamer` / `TextIteratorStreamer` work). Sampling draws its seed from MindSpore's
-    RNG, so `ms.set_seed(n)` makes it repeatable.
+    RNG, so `ms.set_seed(n)` makes it repeatable. `progress=True` shows a tqdm bar of the new tokens.
 
     Returns the ids with the prompt first, [batch, prompt + new] int64, like HF: a numpy array, or an
     ms.Tensor when input_ids was one (so `out[:, inputs["input_ids"].shape[1]:]` and
@@ -352,11 +366,16 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                               top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
 
-    embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
-    runner = _runner(model, batch, bucket_length(seq + options.max_new_tokens, CACHE_BUCKET))
+    # What runs: the prompt, left-padded in graph mode (the caller still gets back its own prompt).
+    run_ids, run_mask = ids, mask
+    if ms.get_context("mode") == ms.GRAPH_MODE:
+        run_ids, run_mask = _left_pad(ids, mask, PROMPT_BUCKET, options.pad_token_id or 0)
+    run_seq = run_ids.shape[1]
+    embeds = model.embed(run_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    position_ids, rope_deltas = model.get_rope_index(run_ids, image_grid_thw, video_grid_thw, run_mask)
+    runner = _runner(model, batch, bucket_length(run_seq + options.max_new_tokens, CACHE_BUCKET))
     key_mask = np.ones((batch, runner.cache.max_len), np.int32)  # generated positions are all real tokens
-    key_mask[:, :seq] = mask
+    key_mask[:, :run_seq] = run_mask
     key_mask = Tensor(key_mask)
     rope_deltas = Tensor(rope_deltas.astype(np.int32))
 
@@ -377,8 +396,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     try:
         if streamer is not None:
             streamer.put(ids.copy())
-        logits = runner.prefill(embeds, Tensor(position_ids.astype(np.int32)), Tensor(np.arange(seq, dtype=np.int32)),
-                                key_mask)
+        logits = runner.prefill(embeds, Tensor(position_ids.astype(np.int32)),
+                                Tensor(np.arange(run_seq, dtype=np.int32)), key_mask)
         for step in range(options.max_new_tokens):
             tokens = chooser(logits.asnumpy(), step)
             if eos.size and options.pad_token_id is not None:
@@ -394,7 +413,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             if not unfinished.any() or step + 1 == options.max_new_tokens:
                 break
             logits = runner.decode(Tensor(tokens.astype(np.int32).reshape(batch, 1)),
-                                   Tensor(np.array([seq + step], np.int32)), rope_deltas, key_mask)
+                                   Tensor(np.array([run_seq + step], np.int32)), rope_deltas, key_mask)
     finally:
         bar.close()
         if streamer is not None:
