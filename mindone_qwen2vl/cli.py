@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -111,7 +111,7 @@ class Settings:
     image_options: dict  # keys added to image items that lack them (pixel limits)
     video_options: dict  # keys added to video items that lack them (fps/nframes, pixel limits)
     generation: dict
-    requests: List[dict] = field(default_factory=list)  # {"line", "id", "messages"}
+    requests: List[dict]  # {"line", "id", "messages"}
     batch: bool = False
     output: Optional[str] = None
     seed: Optional[int] = None
@@ -234,6 +234,89 @@ def _check_limits(options, flags, what):
                          "give both --min_pixels and --max_pixels")
 
 
+def _media_options(kind, args, preset):
+    """(image item defaults, video item defaults): the preset's pixel limits and fps, then this script's flags."""
+    image = {k: v for k, v in (("min_pixels", preset.get("min_pixels")),
+                               ("max_pixels", preset.get("max_pixels"))) if v is not None}
+    video = {k: v for k, v in (("max_pixels", preset.get("video_max_pixels")),
+                               ("total_pixels", preset.get("video_total_pixels")),
+                               ("fps", preset.get("fps"))) if v is not None}
+    if kind == "image":
+        image.update({k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None})
+    else:
+        if args.fps is not None and args.nframes is not None:
+            raise UsageError("give --fps or --nframes, not both")
+        if args.nframes is not None:
+            video.pop("fps", None)
+        video.update({k: getattr(args, k) for k in ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels")
+                      if getattr(args, k) is not None})
+    flags = {k: getattr(args, k) for k in ("min_pixels", "max_pixels")}
+    _check_limits(image, flags if kind == "image" else {}, "images")
+    _check_limits(video, flags if kind == "video" else {}, "videos")
+    return image, video
+
+
+def _generation_options(args, preset):
+    if not args.do_sample:
+        given = [f"--{k}" for k in ("temperature", "top_p", "top_k", "seed") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sampling: add --do_sample")
+    if args.top_p is not None and args.top_p > 1:
+        raise UsageError(f"argument --top_p: expected a number in (0, 1], got {args.top_p}")
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else \
+        preset.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    options = {"max_new_tokens": max_new, "do_sample": args.do_sample}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def _requests(kind, args):
+    """[{"line", "id", "messages"}]: the batch file's conversations, or one built from the flags."""
+    media = args.image if kind == "image" else args.video
+    flag = f"--{kind}"
+    if args.batch_file is not None:
+        given = [name for name, value in ((flag, media), ("--prompt", args.prompt)) if value]
+        if given:
+            raise UsageError(f"--batch_file carries its own conversations: drop {' and '.join(given)}")
+        return read_batch_file(args.batch_file)
+    if args.output:
+        raise UsageError("--output is for --batch_file answers; a single answer streams to stdout")
+    if kind == "video" and not media:
+        raise UsageError("give --video (or --batch_file)")
+    for source in media:
+        _check_media(source, kind, flag)
+    prompt = args.prompt
+    if prompt is None:
+        prompt = f"Describe this {kind}." if len(media) < 2 else f"Describe these {kind}s."
+    if not prompt.strip():
+        raise UsageError("--prompt is empty")
+    content = [{"type": kind, kind: source} for source in media] + [{"type": "text", "text": prompt}]
+    return [{"line": None, "id": None, "messages": [{"role": "user", "content": content}]}]
+
+
+def _check_output(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path!r} is a directory")
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output {path!r}: folder {parent!r} does not exist")
+
+
+def _check_model(model):
+    """A local folder (expanded) or a hub id; a path that is no folder is a bad argument."""
+    looks_local = os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if not looks_local:
+        return model  # a hub id: downloading it (or failing to) is part of loading
+    folder = os.path.expanduser(model)
+    if not os.path.isdir(folder):
+        problem = "is a file, not a checkpoint folder" if os.path.exists(folder) else \
+            "no such folder (and not a hub id like Qwen/Qwen2-VL-2B-Instruct)"
+        raise UsageError(f"--model_name_or_path {model!r}: {problem}")
+    return folder
+
+
 def resolve_settings(kind, args) -> Settings:
     """Flags over the preset over the defaults; every argument checked (UsageError on the first problem)."""
     preset = {}
@@ -248,86 +331,21 @@ def resolve_settings(kind, args) -> Settings:
     def pick(flag, key, default=None):
         return flag if flag is not None else preset.get(key, default)
 
-    image_options = {k: v for k, v in (("min_pixels", preset.get("min_pixels")),
-                                       ("max_pixels", preset.get("max_pixels"))) if v is not None}
-    video_options = {k: v for k, v in (("max_pixels", preset.get("video_max_pixels")),
-                                       ("total_pixels", preset.get("video_total_pixels")),
-                                       ("fps", preset.get("fps"))) if v is not None}
-    if kind == "image":
-        image_options.update({k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k)})
-    else:
-        if args.fps is not None and args.nframes is not None:
-            raise UsageError("give --fps or --nframes, not both")
-        if args.nframes is not None:
-            video_options.pop("fps", None)
-        video_options.update({k: getattr(args, k) for k in ("fps", "nframes", "min_pixels", "max_pixels",
-                                                             "total_pixels") if getattr(args, k) is not None})
-    flags = {k: getattr(args, k, None) for k in ("min_pixels", "max_pixels")}
-    _check_limits(image_options, flags if kind == "image" else {}, "images")
-    _check_limits(video_options, flags if kind == "video" else {}, "videos")
-
-    if not args.do_sample:
-        given = [f"--{k}" for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None]
-        if given:
-            raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sampling: add --do_sample")
-    if args.top_p is not None and args.top_p > 1:
-        raise UsageError(f"argument --top_p: expected a number in (0, 1], got {args.top_p}")
-    if args.seed is not None and not args.do_sample:
-        raise UsageError("--seed is for sampling: add --do_sample")
-    generation = {"max_new_tokens": pick(args.max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-                  "do_sample": args.do_sample}
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if getattr(args, key) is not None:
-            generation[key] = getattr(args, key)
-
-    media = args.image if kind == "image" else args.video
-    flag = "--image" if kind == "image" else "--video"
-    batch = args.batch_file is not None
-    if batch:
-        given = [name for name, value in ((flag, media), ("--prompt", args.prompt)) if value]
-        if given:
-            raise UsageError(f"--batch_file carries its own conversations: drop {' and '.join(given)}")
-        requests = read_batch_file(args.batch_file)
-    else:
-        if args.output:
-            raise UsageError("--output is for --batch_file answers; a single answer streams to stdout")
-        if kind == "video" and not media:
-            raise UsageError("give --video (or --batch_file)")
-        for source in media:
-            _check_media(source, kind, flag)
-        prompt = args.prompt
-        if prompt is None:
-            prompt = f"Describe this {kind}." if len(media) < 2 else f"Describe these {kind}s."
-        if not prompt.strip():
-            raise UsageError("--prompt is empty")
-        content = [{"type": kind, kind: source} for source in media] + [{"type": "text", "text": prompt}]
-        requests = [{"line": None, "id": None, "messages": [{"role": "user", "content": content}]}]
+    image_options, video_options = _media_options(kind, args, preset)
+    generation = _generation_options(args, preset)
+    requests = _requests(kind, args)
     for request in requests:
         request["messages"] = _with_defaults(request["messages"], image_options, video_options)
-
     if args.output:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if os.path.isdir(args.output):
-            raise UsageError(f"--output {args.output!r} is a directory")
-        if not os.path.isdir(parent):
-            raise UsageError(f"--output {args.output!r}: folder {parent!r} does not exist")
-
+        _check_output(args.output)
     model = pick(args.model_name_or_path, "model_name_or_path")
-    if model is not None:
-        looks_local = os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(model)):
-            problem = "is a file, not a checkpoint folder" if os.path.exists(model) else \
-                "no such folder (and not a hub id like Qwen/Qwen2-VL-2B-Instruct)"
-            raise UsageError(f"--model_name_or_path {model!r}: {problem}")
-        model = os.path.expanduser(model) if looks_local else model
-
-    return Settings(kind=kind, model=model, dtype=pick(args.dtype, "mindspore_dtype", "fp32"),
-                    conv_dtype=preset.get("conv_dtype"),
+    return Settings(kind=kind, model=_check_model(model) if model is not None else None,
+                    dtype=pick(args.dtype, "mindspore_dtype", "fp32"), conv_dtype=preset.get("conv_dtype"),
                     attn_implementation=pick(args.attn_implementation, "attn_implementation"),
                     mode=pick(args.mode, "mode", DEFAULT_MODE),
                     tensor_parallel=pick(args.tensor_parallel, "tensor_parallel_size", 1),
                     image_options=image_options, video_options=video_options, generation=generation,
-                    requests=requests, batch=batch, output=args.output, seed=args.seed)
+                    requests=requests, batch=args.batch_file is not None, output=args.output, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -210,6 +210,7 @@ BAD_ARGUMENTS = [
     ("image", ["--temperature", "0"], "argument --temperature: expected a number > 0, got '0'"),
     ("image", ["--temperature", "0.7", "--top_k", "5"], "--temperature, --top_k are for sampling: add --do_sample"),
     ("image", ["--seed", "1"], "--seed is for sampling: add --do_sample"),
+    ("image", ["--top_p", "0.9", "--seed", "1"], "--top_p, --seed are for sampling: add --do_sample"),
     ("image", ["--image", "/no/such.jpg"], "--image: image file '/no/such.jpg' does not exist"),
     ("image", ["--image", ASSETS], f"--image: image file '{ASSETS}' is a directory"),
     ("image", ["--prompt", "  "], "--prompt is empty"),
