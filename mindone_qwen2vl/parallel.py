@@ -18,10 +18,9 @@ only that slice, so a rank holds and reads about 1/N of the decoder.
 import os
 
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import initializer
+from mindspore import Tensor, nn, ops
 
-from .layers import Linear
+from .layers import Linear, new_param
 
 _LAUNCH_HINT = "msrun --worker_num={n} --local_worker_num={n} your_script.py ..."
 
@@ -186,7 +185,7 @@ class VocabParallelEmbedding(nn.Cell):
     def __init__(self, embedding, start, stop):
         super().__init__()
         vocab, dim = embedding.weight.shape
-        self.weight = Parameter(initializer("zeros", (stop - start, dim), embedding.weight.dtype))
+        self.weight = new_param((stop - start, dim), embedding.weight.dtype)
         self.span = (start, stop)
         self.global_shape = (vocab, dim)
         self.all_reduce = ops.AllReduce(group=_world_group())
@@ -211,8 +210,8 @@ class VocabParallelLMHead(nn.Cell):
         super().__init__()
         self.in_features = lm_head.in_features
         self.out_features = lm_head.out_features
-        self.weight = weight if weight is not None else Parameter(
-            initializer("zeros", (stop - start, self.in_features), lm_head.weight.dtype))
+        self.weight = weight if weight is not None else new_param((stop - start, self.in_features),
+                                                                  lm_head.weight.dtype)
         self.span = (start, stop)
         # W_local @ x^T is [local vocab, tokens]: AllGather concatenates along the first axis, which is then
         # the vocabulary, so one transpose at the end gives [tokens, vocab].
