@@ -6,8 +6,8 @@ Layout of the decoder over N ranks (every rank runs every layer on its share of 
 - MLP: gate/up split by output columns, down_proj by input rows, then an all-reduce;
 - embedding: each rank holds a range of the vocabulary and looks up only its ids; an all-reduce sums the rows;
 - lm_head: each rank computes the logits of its vocabulary range; an all-gather puts them side by side;
-- norms, rotary tables and the vision tower are replicated: the tower (675M parameters) is under 1% of 72B, so replicating it
-  costs little memory and keeps its per-frame attention layout untouched.
+- norms, rotary tables and the vision tower are replicated: the tower (675M parameters) is under 1% of 72B,
+  so replicating it costs little memory and keeps its per-frame attention layout untouched.
 
 Communication is MindSpore's own (`ops.AllReduce` / `ops.AllGather` on the world group: HCCL on Ascend,
 MindSpore's CPU collectives elsewhere); the job is started by `msrun`, which gives every process its rank.
