@@ -1,3 +1,5 @@
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -11,6 +13,8 @@ setup(
     packages=find_packages(include=["mindone_qwen2vl", "mindone_qwen2vl.*"]),
     include_package_data=True,
     package_data={"mindone_qwen2vl": ["assets/*", "assets/*/*"]},
+    # The presets live at the top of the repo; an installed package finds them under <prefix>/share.
+    data_files=[("share/mindone_qwen2vl/configs", sorted(glob.glob("configs/*.yaml")))],
     install_requires=[
         "mindspore>=2.5",  # 2.10.0 is the tested version
         "numpy<2",  # MindSpore fails at its first op with numpy 2

@@ -1,11 +1,16 @@
 """YAML presets (configs/*.yaml): model, precision, mode, pixel limits and tensor parallel size per model size."""
 import os
+import sys
 
 import yaml
 
 from .precision import PrecisionPolicy, resolve_policy
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# A clone (or editable install) has configs/ beside the package; `pip install .` copies it to <prefix>/share.
+CONFIG_DIRS = [
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"),
+    os.path.join(sys.prefix, "share", "mindone_qwen2vl", "configs"),
+]
 
 # key -> type; anything else in a preset is a typo worth an error rather than a silently ignored setting.
 PRESET_KEYS = {
@@ -27,10 +32,11 @@ PRESET_KEYS = {
 def preset_path(name_or_path):
     if os.path.isfile(name_or_path):
         return name_or_path
-    candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
-    if os.path.isfile(candidate):
-        return candidate
-    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR)) if os.path.isdir(CONFIG_DIR) else []
+    name = name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml"
+    for folder in CONFIG_DIRS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    known = sorted({f[:-5] for d in CONFIG_DIRS if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".yaml")})
     raise FileNotFoundError(f"no preset {name_or_path!r}: not a file, and not one of {known}")
 
 

@@ -155,3 +155,15 @@ def test_real_flash_kernel_matches_eager_on_ascend(flash_ckpt):
     inputs = case_inputs("mixed_left_padded_batch")
     err = rel_err(flash(**inputs).logits.asnumpy(), eager(**inputs).logits.asnumpy(), inputs["attention_mask"])
     assert err < 1e-2
+
+
+def test_presets_found_where_an_installed_package_keeps_them(tmp_path, monkeypatch):
+    import shutil
+
+    from mindone_qwen2vl import presets
+
+    shutil.copy(presets.preset_path("qwen2-vl-7b-instruct"), tmp_path)
+    monkeypatch.setattr(presets, "CONFIG_DIRS", [str(tmp_path / "missing"), str(tmp_path)])
+    assert load_preset("qwen2-vl-7b-instruct")["tensor_parallel_size"] == 1
+    with pytest.raises(FileNotFoundError, match=r"not one of \['qwen2-vl-7b-instruct'\]"):
+        load_preset("qwen2-vl-2b-instruct")
