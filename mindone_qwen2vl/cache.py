@@ -2,10 +2,12 @@
 
 Each layer keeps its keys and values as Parameters so that prefill and the decode step (two graphs in
 GRAPH_MODE) share the same device memory and write into it in place. The storage is [B * KVH * L, D], one row
-per (batch, kv head, position), updated with `ScatterUpdate` on rows: measured on the MindSpore 2.10 CPU
-backend, that is the one in-place write whose cost does not grow with the bucket; `ScatterNdUpdate`,
-`TensorScatterUpdate` + `Assign` and slice assignment on a [B, KVH, L, D] Parameter each copied the whole
-cache on every call (4x-15x slower at L=4096). Attention reads it back as [B, KVH, L, D].
+per (batch, kv head, position), written with `ScatterUpdate` on rows, the classic in-place (Ref) update on
+every backend; attention reads it back as [B, KVH, L, D]. Measured on the MindSpore 2.10 CPU backend (28
+layers, L=4096): the row write itself does not grow with L, but the read back as [B, KVH, L, D] costs one copy
+of the cache; ScatterNdUpdate, TensorScatterUpdate + Assign and slice assignment on a [B, KVH, L, D]
+Parameter each cost about the same extra pass (inside the kernel), i.e. about what attention's own read of
+the cache costs. On CPU that is small next to reading the weights once per token.
 
 Nothing in a cache is state of a generation: prefill rewrites the prompt's rows, and the attention mask,
 built in the graph from the call's attention mask and the current position, hides every row this call has
