@@ -1,5 +1,4 @@
 """The static KV cache: in-place writes by position, the mask over the bucket."""
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
