@@ -72,7 +72,12 @@ def vision_attention(q, k, v, layout, scale, impl="eager", flash_dtype=ms.float1
     block = _query_block(n_frames * heads, lmax)
     outs = []
     for start in range(0, lmax, block):
-        scores = (_bmm_t(q[:, :, start:start + block], k) * scale).astype(ms.float32)
+        q_block = q[:, :, start:start + block]
+        if outs:
+            # Order the blocks: without it graph mode may compute every block's scores before any softmax,
+            # holding them all at once.
+            q_block = ops.depend(q_block, outs[-1])
+        scores = (_bmm_t(q_block, k) * scale).astype(ms.float32)
         if bias is not None:
             scores = scores + bias
         outs.append(_bmm(_softmax_fp32(scores, q.dtype), v))
