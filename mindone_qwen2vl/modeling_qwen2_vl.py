@@ -226,7 +226,9 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, position_ids=None, **unused):
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep=0, **unused):
+        """Logits [batch, seq, vocab] float32; `logits_to_keep=n` (n > 0) keeps only the last n positions, as
+        in HF (the vocabulary projection of every prompt position is most of a long prefill's work)."""
         ids = to_numpy(input_ids, np.int64)
         if ids.ndim == 1:
             ids = ids[None]
@@ -239,5 +241,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         if position_ids is None:
             position_ids, rope_deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
         hidden = self.model(embeds, Tensor(to_numpy(position_ids, np.int32)), Tensor(causal_mask(mask, seq, seq)))
+        if logits_to_keep:
+            hidden = hidden[:, -int(logits_to_keep):]
         logits = self.lm_head(hidden).astype(ms.float32)
         return Qwen2VLOutput(logits=logits, rope_deltas=rope_deltas)

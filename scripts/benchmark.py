@@ -170,10 +170,7 @@ def run_worker(args):
             result[f"vision_{name}_s"] = _median_time(
                 lambda: model.get_vision_features(inp["pixel_values"], inp["image_grid_thw"]).asnumpy(),
                 _repeats(name, args))
-        if hasattr(model, "prefill_logits"):
-            result["prefill_s"] = _median_time(lambda: model.prefill_logits(**prompt).asnumpy(), args.repeats)
-        else:
-            result["prefill_s"] = _median_time(lambda: model(**prompt).logits.asnumpy(), args.repeats)
+        result["prefill_s"] = _median_time(lambda: model(**prompt, logits_to_keep=1).logits.asnumpy(), args.repeats)
         if hasattr(model, "generate"):
             clock = _TokenClock()
             model.generate(**prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,

@@ -100,3 +100,11 @@ def test_video_tokens_without_pixels(tiny_ours):
     inputs.pop("pixel_values_videos")
     with pytest.raises(ValueError, match="video tokens but no video pixel values"):
         tiny_ours(**inputs)
+
+
+def test_logits_to_keep(tiny_ours):
+    inputs = case_inputs("image")
+    full = tiny_ours(**inputs).logits.asnumpy()
+    last = tiny_ours(**inputs, logits_to_keep=2).logits.asnumpy()
+    assert last.shape == (1, 2, full.shape[-1])
+    np.testing.assert_allclose(last, full[:, -2:], rtol=0, atol=1e-5)
