@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import Qwen2VLConfig
 from .loading import (CKPT_INDEX, CKPT_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsFile,
-                      checkpoint_files, collect_sources, open_weights, plan_load, widen_bf16)
+                      TensorFile, checkpoint_files, collect_sources, open_weights, plan_load, widen_bf16)
 
 __all__ = ["convert_checkpoint", "verify_checkpoint", "ConversionSummary", "TorchBinFile", "DTYPES", "FORMATS"]
 
@@ -51,7 +51,7 @@ _TORCH_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16"
                 "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-class TorchBinFile:
+class TorchBinFile(TensorFile):
     """A torch `.bin` shard, read like `SafetensorsFile`: names and shapes first, each tensor on demand.
 
     `torch.load(weights_only=True, mmap=True)` unpickles no code and maps the data instead of reading it;
@@ -82,20 +82,6 @@ class TorchBinFile:
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise ValueError(f"{self.path}: not a state dict of tensors")
         return state
-
-    def keys(self):
-        return self.entries.keys()
-
-    def shape(self, key):
-        return self.entries[key][1]
-
-    def dtype(self, key):
-        return self.entries[key][0]
-
-    def get(self, key) -> np.ndarray:
-        """A fresh array for the tensor; bfloat16 comes back widened to float32 (exact), as from SafetensorsFile."""
-        arr = self.raw(key)
-        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
 
     def raw(self, key) -> np.ndarray:
         """A fresh array of the tensor as stored, bfloat16 as its 16-bit patterns (uint16)."""

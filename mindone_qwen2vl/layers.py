@@ -73,3 +73,14 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotary embedding in float32 whatever x's dtype (the angles lose bits in fp16), result in x's dtype."""
+    xf = x.astype(ms.float32)
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)

@@ -5,6 +5,7 @@ whole set of names and shapes is checked against the model from the file headers
 then tensors are read one at a time from memory-mapped files, so peak memory is about one copy of the weights.
 A folder holds HF safetensors, or the MindSpore .ckpt / safetensors shards scripts/convert_weights.py writes.
 """
+import abc
 import json
 import os
 import re
@@ -81,8 +82,37 @@ _ST_DTYPES = {
 }
 
 
-class SafetensorsFile:
-    """Reads a .safetensors file lazily: the header at open, each tensor from a memory map on demand.
+class TensorFile(abc.ABC):
+    """What every checkpoint reader offers: `entries` {key: (dtype name, shape, ...)} known at open,
+    `raw(key)` (the tensor as stored, bfloat16 as its uint16 bit patterns) and `get(key)` on top of it.
+
+    Reads are plain reads into fresh arrays, never memory maps: mapped pages would stay resident beside the
+    parameters and double the peak memory of a load.
+    """
+
+    entries: dict
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, key):
+        return self.entries[key][1]
+
+    def dtype(self, key):
+        return self.entries[key][0]
+
+    @abc.abstractmethod
+    def raw(self, key) -> np.ndarray:
+        """The tensor as stored (bfloat16 as uint16 bit patterns), in a fresh array."""
+
+    def get(self, key) -> np.ndarray:
+        """The tensor; bfloat16 widened to float32 (exact)."""
+        arr = self.raw(key)
+        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
+
+
+class SafetensorsFile(TensorFile):
+    """Reads a .safetensors file lazily: the header at open, each tensor on demand.
 
     Own reader rather than safetensors' numpy API, which cannot return bfloat16 (what Qwen2-VL ships in).
     """
@@ -111,24 +141,6 @@ class SafetensorsFile:
             if end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize or self.data_start + end > size:
                 raise ValueError(f"{path}: tensor {key} is truncated or its offsets are corrupt")
             self.entries[key] = (dtype, shape, begin, end)
-
-    def keys(self):
-        return self.entries.keys()
-
-    def shape(self, key):
-        return self.entries[key][1]
-
-    def dtype(self, key):
-        return self.entries[key][0]
-
-    def get(self, key) -> np.ndarray:
-        """A fresh array for the tensor; bfloat16 comes back widened to float32 (exact).
-
-        A plain read, not a memory map: mapped pages would stay resident beside the parameters and double
-        the peak memory of a load.
-        """
-        arr = self.raw(key)
-        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
 
     def raw(self, key) -> np.ndarray:
         """The tensor as stored, bfloat16 as its 16-bit patterns (uint16): what a converter copies and checks."""
@@ -196,7 +208,7 @@ class _Wire:
         return self.f.read(span[1] - span[0])
 
 
-class MindSporeCkptFile:
+class MindSporeCkptFile(TensorFile):
     """Reads a MindSpore .ckpt like SafetensorsFile: names, dtypes and shapes at open, each tensor on demand.
 
     A .ckpt is a protobuf `Checkpoint`: repeated `Value {tag, TensorProto {dims, tensor_type,
@@ -276,20 +288,6 @@ class MindSporeCkptFile:
             raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {type_name}")
         shape = () if dims == [0] else tuple(dims)  # MindSpore writes a scalar's shape as [0]
         return key, _CKPT_DTYPES[type_name], shape, content
-
-    def keys(self):
-        return self.entries.keys()
-
-    def shape(self, key):
-        return self.entries[key][1]
-
-    def dtype(self, key):
-        return self.entries[key][0]
-
-    def get(self, key) -> np.ndarray:
-        """A fresh array for the tensor (a plain read, as SafetensorsFile); bfloat16 widened to float32."""
-        arr = self.raw(key)
-        return widen_bf16(arr) if self.dtype(key) == "BF16" else arr
 
     def raw(self, key) -> np.ndarray:
         """The tensor as stored, bfloat16 as its 16-bit patterns (uint16)."""

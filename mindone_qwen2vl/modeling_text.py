@@ -5,19 +5,8 @@ from mindspore import Tensor, nn, ops
 
 from .attention import decoder_attention
 from .config import Qwen2VLTextConfig
-from .layers import Embedding, Linear, RMSNorm
+from .layers import Embedding, Linear, RMSNorm, apply_rotary
 from .precision import PrecisionPolicy
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
-
-
-def apply_rotary(x, cos, sin):
-    """Rotary in float32 (the tables stay float32, see precision.py), result in x's dtype."""
-    xf = x.astype(ms.float32)
-    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
 
 class Qwen2VLRotaryEmbedding(nn.Cell):

@@ -13,8 +13,9 @@ from mindspore import Tensor, nn, ops
 
 from .attention import vision_attention
 from .config import Qwen2VLVisionConfig
-from .layers import LayerNorm, Linear, new_param
+from .layers import LayerNorm, Linear, apply_rotary, new_param
 from .precision import PrecisionPolicy
+
 
 @dataclass
 class VisionPlan:
@@ -34,6 +35,7 @@ class VisionPlan:
     def cu_seqlens(self):
         return np.concatenate([[0], np.cumsum(self.frame_lens)]).astype(np.int64)
 
+
 def _merge_window_positions(h, w, merge):
     # Patches arrive from the processor grouped by 2x2 merge window: window row, window col, row, col.
     rows = np.arange(h).reshape(h // merge, merge, 1, 1)
@@ -41,6 +43,7 @@ def _merge_window_positions(h, w, merge):
     rows = np.broadcast_to(rows, (h // merge, merge, w // merge, merge)).transpose(0, 2, 1, 3).reshape(-1)
     cols = np.broadcast_to(cols, (h // merge, merge, w // merge, merge)).transpose(0, 2, 1, 3).reshape(-1)
     return np.stack([rows, cols], axis=-1)
+
 
 def vision_plan(grid_thw, spatial_merge_size=2) -> VisionPlan:
     """Rotary positions and the block-diagonal (per frame) attention layout for the given grids."""
@@ -67,9 +70,6 @@ def vision_plan(grid_thw, spatial_merge_size=2) -> VisionPlan:
     unpad_idx = (np.arange(n_frames)[:, None] * lmax + offs[None, :])[valid].astype(np.int32)
     return VisionPlan(rot_pos, frame_lens, gather_idx, key_bias, unpad_idx)
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
 
 class PatchProjection(nn.Cell):
     """The Conv3d of the checkpoint (weight [embed, C, 2, 14, 14], no bias), computed as a matmul.
@@ -101,6 +101,7 @@ class PatchEmbed(nn.Cell):
     def construct(self, x):
         return self.proj(x.reshape(-1, self.patch_dim))
 
+
 class VisionRotaryEmbedding(nn.Cell):
     """cos/sin of the 2-D rotary: the first half of the frequencies follow the row, the second the column."""
 
@@ -115,6 +116,7 @@ class VisionRotaryEmbedding(nn.Cell):
         freqs = ops.cat((pos[:, 0:1] * self.inv_freq, pos[:, 1:2] * self.inv_freq), -1)
         emb = ops.cat((freqs, freqs), -1)
         return ops.cos(emb), ops.sin(emb)
+
 
 class VisionAttention(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
@@ -132,15 +134,13 @@ class VisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        # Rotary in float32 whatever the compute dtype: the angles reach max(h, w) and lose bits in fp16.
         cos = cos[:, None, :]
         sin = sin[:, None, :]
-        qf = q.astype(ms.float32)
-        kf = k.astype(ms.float32)
-        q = (qf * cos + rotate_half(qf) * sin).astype(x.dtype)
-        k = (kf * cos + rotate_half(kf) * sin).astype(x.dtype)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         out = vision_attention(q, k, v, layout, self.scale, self.attn_implementation, self.flash_dtype)
         return self.proj(out)
+
 
 class VisionMlp(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
@@ -153,6 +153,7 @@ class VisionMlp(nn.Cell):
         h = self.fc1(x)
         return self.fc2(h * ops.sigmoid(1.702 * h))  # QuickGELU
 
+
 class Qwen2VLVisionBlock(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
@@ -164,6 +165,7 @@ class Qwen2VLVisionBlock(nn.Cell):
     def construct(self, x, cos, sin, layout):
         x = x + self.attn(self.norm1(x), cos, sin, layout)
         return x + self.mlp(self.norm2(x))
+
 
 class PatchMerger(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
@@ -181,6 +183,7 @@ class PatchMerger(nn.Cell):
     def construct(self, x):
         # Consecutive rows are one 2x2 window (the processor's patch order), so a reshape merges them.
         return self.mlp(self.ln_q(x).reshape(-1, self.hidden))
+
 
 class Qwen2VisionTransformer(nn.Cell):
     """`visual.*` of the HF checkpoint. Call with the processor's flattened patches and a `vision_plan`."""
@@ -209,6 +212,7 @@ class Qwen2VisionTransformer(nn.Cell):
         """Host tables -> the arguments `construct` takes after the pixels."""
         plan = vision_plan(grid_thw, self.spatial_merge_size)
         return (Tensor(plan.rot_pos),) + attention_layout(plan, self.policy.attn_implementation)
+
 
 def attention_layout(plan: VisionPlan, attn_implementation="eager"):
     """The per-frame layout as the tower's trailing arguments:
