@@ -88,27 +88,34 @@ def vision_attention(q, k, v, layout, scale, impl="eager", flash_dtype=ms.float1
     return out
 
 
-def decoder_attention(q, k, v, mask, scale, impl="eager", flash_dtype=ms.float16):
+def decoder_attention(q, k, v, mask, impl="eager", flash_dtype=ms.float16):
     """Grouped-query attention.
 
-    q: [B, H, S, D]; k, v: [B, KVH, L, D]; mask: additive [B, 1, S, L] (0 or a large negative) or None.
-    Returns [B, S, H * D].
+    q: [B, S, H, D], already multiplied by the attention scale (the rotary tables carry it, see
+    modeling_text.Qwen2VLRotaryEmbedding); k, v: [B, KVH, L, D]; mask: additive [B, 1, S, L] (0 or a large
+    negative). Returns [B * S, H * D].
     """
-    b, heads, s, d = q.shape
+    b, s, heads, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     if impl == "flash_attention_2":
         # BNSD with the KV heads as they are (the kernel takes N2 dividing N1); its mask is boolean, True
         # where a key is discarded, the causal and padding pattern of the additive mask.
-        discard = None if mask is None else mask < -1.0
-        out = flash_kernel()(q.astype(flash_dtype), k.astype(flash_dtype), v.astype(flash_dtype), heads,
-                             attn_mask=discard, scalar_value=scale, input_layout="BNSD", sparse_mode=0)
-        return out.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b, s, heads * d)
+        discard = mask < -1.0
+        out = flash_kernel()(q.transpose(0, 2, 1, 3).astype(flash_dtype), k.astype(flash_dtype),
+                             v.astype(flash_dtype), heads, attn_mask=discard, scalar_value=1.0, input_layout="BNSD",
+                             sparse_mode=0)
+        return out.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * s, heads * d)
     n_rep = heads // kv_heads
-    # Fold the query heads of one KV head into the rows instead of repeating K and V n_rep times.
-    qg = q.reshape(b, kv_heads, n_rep * s, d)
-    scores = (_bmm_t(qg, k) * scale).astype(ms.float32).reshape(b, kv_heads, n_rep, s, length)
-    if mask is not None:
-        scores = scores + mask.reshape(b, 1, 1, s, length)
+    # The query heads of one KV head become the rows of one product ([B, KVH, n_rep * S, D]) instead of
+    # repeating K and V n_rep times. With one query position (decode) that layout is a plain reshape.
+    if s == 1:
+        qg = q.reshape(b, kv_heads, n_rep, d)
+    else:
+        qg = q.reshape(b, s, kv_heads, n_rep, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, n_rep * s, d)
+    scores = _bmm_t(qg, k).astype(ms.float32).reshape(b, kv_heads, n_rep, s, length)
+    scores = scores + mask.reshape(b, 1, 1, s, length)
     probs = _softmax_fp32(scores, q.dtype).reshape(b, kv_heads, n_rep * s, length)
-    out = _bmm(probs, v).reshape(b, heads, s, d)
-    return out.transpose(0, 2, 1, 3).reshape(b, s, heads * d)
+    out = _bmm(probs, v)
+    if s == 1:
+        return out.reshape(b, heads * d)
+    return out.reshape(b, kv_heads, n_rep, s, d).transpose(0, 3, 1, 2, 4).reshape(b * s, heads * d)

@@ -36,15 +36,11 @@ class LayerKVCache(nn.Cell):
         self.key = Parameter(Tensor(np.zeros((rows, head_dim)), dtype), name=f"{name}.key", requires_grad=False)
         self.value = Parameter(Tensor(np.zeros((rows, head_dim)), dtype), name=f"{name}.value",
                                requires_grad=False)
-        # Row of position 0 for each (batch, kv head); position p of it is row_base + p.
-        base = (np.arange(batch * kv_heads, dtype=np.int32) * max_len).reshape(batch, kv_heads, 1)
-        self.row_base = Tensor(base)
         self.scatter = ops.ScatterUpdate()
 
-    def update(self, key, value, cache_position):
-        """Write key/value [B, KVH, S, D] at positions cache_position [S]; return the whole cache as
+    def update(self, key, value, rows):
+        """Write key/value [B, S, KVH, D] at rows [B, S, KVH] (StaticCache.rows); return the whole cache as
         [B, KVH, L, D] (rows not written by this generation are masked by the caller)."""
-        rows = self.row_base + cache_position.reshape(1, 1, -1)
         # depend: read the Parameter after the write, not a value loaded before it.
         k = ops.depend(self.key, self.scatter(self.key, rows, key.astype(self.key.dtype)))
         v = ops.depend(self.value, self.scatter(self.value, rows, value.astype(self.value.dtype)))
@@ -54,7 +50,7 @@ class LayerKVCache(nn.Cell):
 class StaticCache(nn.Cell):
     """The KV caches of every decoder layer plus the attention mask over them.
 
-    `layers` is what `Qwen2VLTextModel.construct(..., caches=, cache_position=)` takes.
+    `layers` and `rows(cache_position)` are what `Qwen2VLTextModel.construct(..., caches=, cache_rows=)` takes.
     """
 
     def __init__(self, text_config, batch, max_len, dtype=ms.float32, kv_heads=None):
@@ -71,6 +67,14 @@ class StaticCache(nn.Cell):
         for i, layer in enumerate(self.layers):  # CellList prefixed them with the index; keep our names
             layer.key.name, layer.value.name = f"kv_cache.{i}.key", f"kv_cache.{i}.value"
         self.key_positions = Tensor(np.arange(max_len, dtype=np.int32).reshape(1, 1, max_len))
+        # Row of position 0 for each (batch, kv head), laid out [B, 1, KVH] like the keys [B, S, KVH, D].
+        base = np.arange(batch * kv_heads, dtype=np.int32).reshape(batch, 1, kv_heads) * max_len
+        self.row_base = Tensor(base)
+
+    def rows(self, cache_position):
+        """Storage rows [B, S, KVH] of positions cache_position [S], the same for every layer (computed once
+        per step, not per layer)."""
+        return self.row_base + cache_position.reshape(1, -1, 1)
 
     def attention_mask(self, key_mask, cache_position):
         """Additive float32 mask [B, 1, S, L] for queries at cache_position [S] (int32).

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .config import Qwen2VLConfig
 from .loading import (CKPT_INDEX, CKPT_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsFile,
-                      TensorFile, checkpoint_files, collect_sources, open_weights, plan_load, widen_bf16)
+                      TensorFile, checkpoint_files, collect_sources, expected_tensors, open_weights, parameter_pieces,
+                      plan_load, widen_bf16)
 
 __all__ = ["convert_checkpoint", "verify_checkpoint", "ConversionSummary", "TorchBinFile", "DTYPES", "FORMATS"]
 
@@ -190,10 +191,9 @@ def _plan(src, config, readers) -> List[Tuple[object, List[Tuple[str, str]]]]:
     parameters a model of `config` has (built lazily: no parameter memory is allocated)."""
     from .modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
-    model = Qwen2VLForConditionalGeneration(config)
-    params = {p.name: p for p in model.get_parameters()}
+    expected = expected_tensors(parameter_pieces(Qwen2VLForConditionalGeneration(config)))
     try:
-        plan = plan_load(params, collect_sources(readers), config.tie_word_embeddings)
+        plan = plan_load(expected, collect_sources(readers), config.tie_word_embeddings)
     except ValueError as e:
         raise ValueError(f"{src}: {e} (model built from {os.path.join(src, 'config.json')})") from None
     shards = []

@@ -250,7 +250,7 @@ class Prefill(_CachedDecoder):
 
     def construct(self, inputs_embeds, position_ids, cache_position, key_mask):
         mask = self.cache.attention_mask(key_mask, cache_position)
-        hidden = self.text(inputs_embeds, position_ids, mask, self.cache.layers, cache_position)
+        hidden = self.text(inputs_embeds, position_ids, mask, self.cache.layers, self.cache.rows(cache_position))
         return self.last_logits(hidden)
 
 
@@ -264,7 +264,7 @@ class DecodeOneToken(_CachedDecoder):
         # The three M-RoPE axes advance together after the prompt: position = index + rope_deltas.
         position_ids = ops.broadcast_to((rope_deltas + cache_position).reshape(1, b, 1), (3, b, 1))
         mask = self.cache.attention_mask(key_mask, cache_position)
-        hidden = self.text(embeds, position_ids, mask, self.cache.layers, cache_position)
+        hidden = self.text(embeds, position_ids, mask, self.cache.layers, self.cache.rows(cache_position))
         return self.last_logits(hidden)
 
 

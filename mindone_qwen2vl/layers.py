@@ -5,9 +5,9 @@ MindSpore's own `nn.LayerNorm` / `nn.Embedding` name their parameters `gamma`/`b
 HF's `weight`/`bias` so checkpoints load by name, and use only primitives that exist on CPU and Ascend.
 """
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
-
 
 from .precision import NORM_DTYPE
 
@@ -36,6 +36,32 @@ class Linear(nn.Cell):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class PackedLinear(Linear):
+    """Several Linears of the checkpoint (q/k/v, gate/up) held as one [sum of rows, in] weight: one matmul
+    and one bias add instead of one each per projection. A decode step is bound by the number of kernels it
+    launches (about 10 us each on the CPU backend, whatever their size), and a single wider matmul reads the
+    same bytes.
+
+    parts: [(checkpoint Linear name, (start, stop) of its output rows held here, its whole out_features)];
+    (0, whole) unless a tensor-parallel rank holds a slice. Loading fills the rows from the checkpoint's own
+    tensors (loading.parameter_pieces), which keep their names.
+    """
+
+    def __init__(self, in_features, parts, bias=True, dtype=ms.float32):
+        self.parts = [(name, tuple(span), whole) for name, span, whole in parts]
+        self.sizes = tuple(stop - start for _, (start, stop), _ in self.parts)
+        super().__init__(in_features, sum(self.sizes), bias=bias, dtype=dtype)
+
+    def checkpoint_pieces(self):
+        prefix = self.weight.name.rsplit(".", 2)[0]  # "model.layers.0.self_attn" of "...qkv_proj.weight"
+        pieces = {self.weight.name: [(f"{prefix}.{name}.weight", 0, start, stop, (whole, self.in_features))
+                                     for name, (start, stop), whole in self.parts]}
+        if self.bias is not None:
+            pieces[self.bias.name] = [(f"{prefix}.{name}.bias", 0, start, stop, (whole,))
+                                      for name, (start, stop), whole in self.parts]
+        return pieces
 
 
 class LayerNorm(nn.Cell):
@@ -73,6 +99,16 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
+
+
+def rotate_half_matrix(dim):
+    """[dim, dim] R with x @ R == rotate_half(x): one matmul instead of two slices, a negation and a concat.
+    Exact: every output is one input times +-1 plus exact zeros."""
+    half = dim // 2
+    r = np.zeros((dim, dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
 def rotate_half(x):

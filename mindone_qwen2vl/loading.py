@@ -400,27 +400,43 @@ def collect_sources(readers) -> Dict[str, Tuple[object, str]]:
     return sources
 
 
-def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]], tied: bool, global_shapes=None):
-    """Check checkpoint names/shapes against the parameters; return {param name: (file, key)} or raise.
+def parameter_pieces(model) -> Dict[str, List[tuple]]:
+    """{parameter name: [(checkpoint name, axis, start, stop, whole shape), ...]}: what each parameter is made of.
 
-    global_shapes: {param name: shape of the whole tensor} for parameters holding a tensor-parallel slice,
-    which are checked against the checkpoint by their whole shape.
+    A plain parameter is one whole checkpoint tensor of its own name (axis None). A packed projection
+    (layers.PackedLinear: q/k/v, gate/up) stacks the rows of several checkpoint tensors, and a tensor-parallel
+    layer (parallel.py) holds a slice: those cells say so through `checkpoint_pieces()`, and only the listed
+    bytes are read.
     """
-    global_shapes = global_shapes or {}
+    pieces = {p.name: [(p.name, None, None, None, tuple(p.shape))] for p in model.get_parameters()}
+    for _, cell in model.cells_and_names():
+        get = getattr(cell, "checkpoint_pieces", None)
+        if callable(get):
+            pieces.update(get())
+    return pieces
+
+
+def expected_tensors(pieces) -> Dict[str, tuple]:
+    """{checkpoint name: whole shape} of every tensor the pieces read."""
+    return {name: tuple(shape) for parts in pieces.values() for name, _, _, _, shape in parts}
+
+
+def plan_load(expected: Dict[str, tuple], sources: Dict[str, Tuple[object, str]], tied: bool):
+    """Check checkpoint names/shapes against `expected` {checkpoint name: shape}; return {name: (file, key)}
+    or raise one error listing every missing, unexpected and mis-shaped tensor."""
     plan, unexpected, mismatched = {}, [], []
     for name, (reader, key) in sources.items():
-        if name not in params:
+        if name not in expected:
             if tied and name == "lm_head.weight":
                 continue  # tied to the embedding: the checkpoint's copy (if any) is redundant
             unexpected.append(key)
             continue
-        want = tuple(global_shapes.get(name, params[name].shape))
-        got = tuple(reader.shape(key))
+        want, got = tuple(expected[name]), tuple(reader.shape(key))
         if want != got:
             mismatched.append(f"{key}: checkpoint {list(got)} vs model {list(want)}")
             continue
         plan[name] = (reader, key)
-    missing = [n for n in params if n not in sources]
+    missing = [n for n in expected if n not in sources]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
@@ -434,24 +450,40 @@ def plan_load(params: Dict[str, object], sources: Dict[str, Tuple[object, str]],
     return plan
 
 
+def _read_piece(plan, piece):
+    name, axis, start, stop, _ = piece
+    reader, key = plan[name]
+    return reader.get(key) if axis is None else reader.get_slice(key, axis, start, stop)
+
+
 def load_weights(model, folder, progress=True):
-    """Stream every tensor of the checkpoint in `folder` into `model`'s parameters.
+    """Stream every tensor of the checkpoint in `folder` into `model`'s parameters, one parameter at a time.
 
-    A tensor-parallel layer (parallel.py) says which slice of each of its tensors this rank holds; only
-    that slice is read.
+    A packed parameter is filled piece by piece in place, so a load holds the parameters plus one piece.
     """
-    from .parallel import checkpoint_slices
-
     params = {p.name: p for p in model.get_parameters()}
-    slices = checkpoint_slices(model)  # {name: (axis, start, stop, global shape)}
+    pieces = parameter_pieces(model)
     readers = [open_weights(f) for f in checkpoint_files(folder)]
-    plan = plan_load(params, collect_sources(readers), model.config.tie_word_embeddings,
-                     {name: s[3] for name, s in slices.items()})
-    # File by file, in file order: one shard's pages are touched at a time.
-    order = sorted(plan.items(), key=lambda kv: (readers.index(kv[1][0]), kv[1][0].entries[kv[1][1]][2]))
-    for name, (reader, key) in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
-        param = params[name]
-        arr = reader.get_slice(key, *slices[name][:3]) if name in slices else reader.get(key)
+    plan = plan_load(expected_tensors(pieces), collect_sources(readers), model.config.tie_word_embeddings)
+
+    def position(name):  # file by file, in data order: one shard's pages are touched at a time
+        reader, key = plan[pieces[name][0][0]]
+        return readers.index(reader), reader.entries[key][2]
+
+    for name in tqdm(sorted(params, key=position), desc="Loading weights", unit="tensor", disable=not progress):
+        param, parts = params[name], pieces[name]
+        if len(parts) == 1:
+            arr = _read_piece(plan, parts[0])
+        else:
+            first = _read_piece(plan, parts[0])
+            arr = np.empty(tuple(param.shape), first.dtype)
+            at = 0
+            for i, part in enumerate(parts):
+                block = first if i == 0 else _read_piece(plan, part)
+                arr[at:at + block.shape[0]] = block
+                at += block.shape[0]
+                del block
+            del first
         param.set_data(to_tensor(arr, param.dtype))
     return model
 

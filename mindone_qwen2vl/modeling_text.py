@@ -5,16 +5,21 @@ from mindspore import Tensor, nn, ops
 
 from .attention import decoder_attention
 from .config import Qwen2VLTextConfig
-from .layers import Embedding, Linear, RMSNorm, apply_rotary
+from .layers import Embedding, Linear, PackedLinear, RMSNorm, rotate_half_matrix
 from .precision import PrecisionPolicy
 
 
 class Qwen2VLRotaryEmbedding(nn.Cell):
-    """cos/sin [B, S, head_dim] from 3-axis positions [3, B, S].
+    """Rotary tables from 3-axis positions [3, B, S]: cos, sin [B*S, heads + 2 * kv heads, head_dim], one row
+    per head of the packed q/k/v projection.
 
     M-RoPE gives the frequencies in `mrope_section` to the temporal, height and width positions in turn
     (e.g. 16/24/24 of the 64 frequencies of the 2B model). Selecting each frequency's position first and then
     multiplying equals taking the per-axis tables and slicing them, with a third of the work.
+
+    The per-head rows let each layer rotate q and k and pass v in one pass over its qkv output: query rows
+    carry the attention scale (applied once per step here rather than to every layer's scores), key rows are
+    the plain tables, value rows are cos 1 and sin 0 (x * 1 + y * 0 == x exactly).
     """
 
     def __init__(self, config: Qwen2VLTextConfig):
@@ -23,26 +28,45 @@ class Qwen2VLRotaryEmbedding(nn.Cell):
         exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
         inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
         axis = np.repeat(np.arange(3), config.mrope_section)
+        self.head_dim = dim
         self.inv_freq = Tensor(inv_freq)
         self.axis_onehot = Tensor((np.arange(3)[:, None] == axis[None, :]).astype(np.float32)[:, None, None, :])
+        self.set_heads(config.num_attention_heads, config.num_key_value_heads)
+
+    def set_heads(self, heads, kv_heads):
+        """The head counts of the qkv projection this process holds (fewer on a tensor-parallel rank)."""
+        scale = np.float32(self.head_dim) ** np.float32(-0.5)
+        factor = np.concatenate([np.full(heads, scale), np.ones(kv_heads), np.zeros(kv_heads)]).astype(np.float32)
+        self.factor = Tensor(factor.reshape(1, -1, 1))
+        self.value_cos = Tensor((np.arange(heads + 2 * kv_heads) >= heads + kv_heads).astype(np.float32)
+                                .reshape(1, -1, 1))
 
     def construct(self, position_ids):
         pos = position_ids.astype(ms.float32).expand_dims(-1)  # [3, B, S, 1]
         # Exactly one of the three terms is non-zero for each frequency, so the sum is exact.
         freqs = (pos * self.axis_onehot).sum(0) * self.inv_freq  # [B, S, dim/2]
-        emb = ops.cat((freqs, freqs), -1)
-        return ops.cos(emb), ops.sin(emb)
+        emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, self.head_dim)
+        return ops.cos(emb) * self.factor + self.value_cos, ops.sin(emb) * self.factor
 
 
 class Qwen2MLP(nn.Cell):
     def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False, dtype=dtype)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False, dtype=dtype)
+        inter = config.intermediate_size
+        self.gate_up_proj = PackedLinear(config.hidden_size, [("gate_proj", (0, inter), inter),
+                                                              ("up_proj", (0, inter), inter)], bias=False, dtype=dtype)
+        self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype)
 
     def construct(self, x):
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
+        return self.down_proj(ops.silu(gate) * up)
+
+
+def qkv_parts(heads, kv_heads, head_dim, q_span=None, kv_span=None):
+    """PackedLinear parts of q/k/v: the whole projections, or a tensor-parallel rank's spans of their rows."""
+    q_whole, kv_whole = heads * head_dim, kv_heads * head_dim
+    q_span, kv_span = q_span or (0, q_whole), kv_span or (0, kv_whole)
+    return [("q_proj", q_span, q_whole), ("k_proj", kv_span, kv_whole), ("v_proj", kv_span, kv_whole)]
 
 
 class Qwen2VLAttention(nn.Cell):
@@ -51,30 +75,33 @@ class Qwen2VLAttention(nn.Cell):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim ** -0.5
         self.attn_implementation = policy.attn_implementation
         self.flash_dtype = policy.flash_dtype
         dtype = policy.compute_dtype
         h = config.hidden_size
-        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=True, dtype=dtype)
-        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True, dtype=dtype)
-        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True, dtype=dtype)
+        self.qkv_proj = PackedLinear(h, qkv_parts(self.num_heads, self.num_kv_heads, self.head_dim), bias=True,
+                                     dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype)
+        self.rotate_half = Tensor(rotate_half_matrix(self.head_dim))
+        self.matmul = ops.MatMul()
 
-    def construct(self, x, cos, sin, mask, cache=None, cache_position=None):
-        """cache: None, or a cache.LayerKVCache that stores this call's keys/values at cache_position [S]
-        and returns the whole cache to attend over (mask then covers the cache length)."""
-        b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        cos = cos.expand_dims(1)
-        sin = sin.expand_dims(1)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+    def construct(self, x, cos, sin, mask, cache=None, cache_rows=None):
+        """x [B*S, hidden]; cos/sin [B*S, heads + 2 kv heads, head_dim] (Qwen2VLRotaryEmbedding); mask additive
+        [B, 1, S, L]. cache: None (L = S), or a cache.LayerKVCache that stores this call's keys/values at
+        cache_rows (cache.StaticCache.rows) and returns the whole cache to attend over (L = its length)."""
+        b, s = mask.shape[0], mask.shape[2]
+        heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # Rotary in float32 whatever the compute dtype (the angles lose bits in fp16), q, k and v in one pass.
+        qkv = self.qkv_proj(x).astype(ms.float32).reshape(-1, d)
+        rotated = self.matmul(qkv, self.rotate_half)
+        qkv = qkv.reshape(-1, heads + 2 * kv, d) * cos + rotated.reshape(-1, heads + 2 * kv, d) * sin
+        q, k, v = ops.split(qkv.astype(x.dtype), (heads, kv, kv), 1)
+        k, v = k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
         if cache is not None:
-            k, v = cache.update(k, v, cache_position)
-        out = decoder_attention(q, k, v, mask, self.scale, self.attn_implementation, self.flash_dtype)
+            k, v = cache.update(k, v, cache_rows)
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        out = decoder_attention(q.reshape(b, s, heads, d), k, v, mask, self.attn_implementation, self.flash_dtype)
         return self.o_proj(out)
 
 
@@ -86,13 +113,16 @@ class Qwen2VLDecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def construct(self, x, cos, sin, mask, cache=None, cache_position=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+    def construct(self, x, cos, sin, mask, cache=None, cache_rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen2VLTextModel(nn.Cell):
-    """Embedding, decoder layers and final norm. `construct` takes embeddings (vision already merged)."""
+    """Embedding, decoder layers and final norm. `construct` takes embeddings (vision already merged).
+
+    Between the layers the hidden states are [B*S, hidden]: every projection is then a plain 2-D matmul.
+    """
 
     def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
@@ -102,10 +132,13 @@ class Qwen2VLTextModel(nn.Cell):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2VLRotaryEmbedding(config)
 
-    def construct(self, inputs_embeds, position_ids, mask, caches=None, cache_position=None):
-        """caches: None, or the per-layer KV caches (cache.StaticCache.layers) written at cache_position."""
+    def construct(self, inputs_embeds, position_ids, mask, caches=None, cache_rows=None):
+        """inputs_embeds [B, S, hidden], position_ids [3, B, S], mask additive [B, 1, S, L] -> [B, S, hidden].
+        caches: None, or the per-layer KV caches (cache.StaticCache.layers) written at cache_rows
+        (cache.StaticCache.rows of the call's positions)."""
+        b, s, h = inputs_embeds.shape
         cos, sin = self.rotary_emb(position_ids)
-        x = inputs_embeds
+        x = inputs_embeds.reshape(b * s, h)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_position)
-        return self.norm(x)
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_rows)
+        return self.norm(x).reshape(b, s, h)

@@ -1,7 +1,7 @@
 """Tensor parallelism across the cards of one MindSpore distributed job (msrun), for models too big for one card.
 
 Layout of the decoder over N ranks (every rank runs every layer on its share of the width):
-- attention: q/k/v split by output columns (whole heads), o_proj by input rows, then an all-reduce;
+- attention: q/k/v split by output columns (whole heads; each rank packs its q, k, v rows into one projection), o_proj by input rows, then an all-reduce;
   when N exceeds the KV heads, each KV head is replicated on the N / num_key_value_heads ranks that share it;
 - MLP: gate/up split by output columns, down_proj by input rows, then an all-reduce;
 - embedding: each rank holds a range of the vocabulary and looks up only its ids; an all-reduce sums the rows;
@@ -20,7 +20,8 @@ import os
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .layers import Linear, new_param
+from .layers import Linear, PackedLinear, new_param
+from .modeling_text import qkv_parts
 
 _LAUNCH_HINT = "msrun --worker_num={n} --local_worker_num={n} your_script.py ..."
 
@@ -133,27 +134,9 @@ def head_layout(text_config, rank, size):
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _slice_of(param, axis, start, stop, global_shape):
-    return {param.name: (axis, start, stop, tuple(global_shape))}
-
-
-class ColumnParallelLinear(Linear):
-    """Output features [start, stop) of a Linear: rows of the torch-layout [out, in] weight and of the bias.
-
-    The output holds this rank's features only; no communication.
-    """
-
-    def __init__(self, linear, start, stop):
-        super().__init__(linear.in_features, stop - start, bias=linear.bias is not None, dtype=linear.weight.dtype)
-        self.span = (start, stop)
-        self.global_out = linear.out_features
-
-    def checkpoint_slices(self):
-        start, stop = self.span
-        slices = _slice_of(self.weight, 0, start, stop, (self.global_out, self.in_features))
-        if self.bias is not None:
-            slices.update(_slice_of(self.bias, 0, start, stop, (self.global_out,)))
-        return slices
+def _piece_of(param, axis, start, stop, whole_shape):
+    """loading.parameter_pieces entry: the parameter is [start, stop) along `axis` of its own checkpoint tensor."""
+    return {param.name: [(param.name, axis, start, stop, tuple(whole_shape))]}
 
 
 class RowParallelLinear(Linear):
@@ -173,9 +156,9 @@ class RowParallelLinear(Linear):
             y = y + self.bias
         return y.reshape(shape[:-1] + (self.out_features,))
 
-    def checkpoint_slices(self):
+    def checkpoint_pieces(self):
         start, stop = self.span
-        return _slice_of(self.weight, 1, start, stop, (self.out_features, self.global_in))
+        return _piece_of(self.weight, 1, start, stop, (self.out_features, self.global_in))
 
 
 class VocabParallelEmbedding(nn.Cell):
@@ -196,8 +179,8 @@ class VocabParallelEmbedding(nn.Cell):
         rows = ops.gather(self.weight, local * inside.astype(local.dtype), 0)
         return self.all_reduce(rows * inside.expand_dims(-1).astype(rows.dtype))
 
-    def checkpoint_slices(self):
-        return _slice_of(self.weight, 0, *self.span, self.global_shape)
+    def checkpoint_pieces(self):
+        return _piece_of(self.weight, 0, *self.span, self.global_shape)
 
 
 class VocabParallelLMHead(nn.Cell):
@@ -224,8 +207,8 @@ class VocabParallelLMHead(nn.Cell):
         logits = self.all_gather(local).transpose(1, 0)
         return logits.reshape(shape[:-1] + (self.out_features,))
 
-    def checkpoint_slices(self):
-        return _slice_of(self.weight, 0, *self.span, (self.out_features, self.in_features))
+    def checkpoint_pieces(self):
+        return _piece_of(self.weight, 0, *self.span, (self.out_features, self.in_features))
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -264,15 +247,19 @@ def shard_model(model, rank, size):
     mlp_span = (rank * inter, (rank + 1) * inter)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for attr, span in (("q_proj", q_span), ("k_proj", kv_span), ("v_proj", kv_span)):
-            old = getattr(attn, attr)
-            _replace(attn, attr, ColumnParallelLinear(old, *span), _names(old))
+        # Column-parallel: each rank's rows of q, k, v (gate, up) packed into one projection as on one process.
+        qkv = PackedLinear(attn.qkv_proj.in_features, qkv_parts(text.num_attention_heads, text.num_key_value_heads,
+                                                                d, q_span, kv_span),
+                           bias=True, dtype=attn.qkv_proj.weight.dtype)
+        _replace(attn, "qkv_proj", qkv, _names(attn.qkv_proj))
         _replace(attn, "o_proj", RowParallelLinear(attn.o_proj, *q_span), _names(attn.o_proj))
         attn.num_heads, attn.num_kv_heads = local_heads, local_kv
-        for attr in ("gate_proj", "up_proj"):
-            old = getattr(mlp, attr)
-            _replace(mlp, attr, ColumnParallelLinear(old, *mlp_span), _names(old))
+        gate_up = PackedLinear(mlp.gate_up_proj.in_features, [("gate_proj", mlp_span, text.intermediate_size),
+                                                              ("up_proj", mlp_span, text.intermediate_size)],
+                               bias=False, dtype=mlp.gate_up_proj.weight.dtype)
+        _replace(mlp, "gate_up_proj", gate_up, _names(mlp.gate_up_proj))
         _replace(mlp, "down_proj", RowParallelLinear(mlp.down_proj, *mlp_span), _names(mlp.down_proj))
+    model.model.rotary_emb.set_heads(local_heads, local_kv)
 
     per = text.vocab_size // size
     vocab_span = (rank * per, (rank + 1) * per)
@@ -285,13 +272,3 @@ def shard_model(model, rank, size):
         tied.name = _names(old_embed)["weight"]  # lm_head's assignment renamed the shared Parameter
     model.tensor_parallel = (rank, size)
     return model
-
-
-def checkpoint_slices(model):
-    """{parameter name: (axis, start, stop, global shape)} for every parameter a sharded layer holds a slice of."""
-    slices = {}
-    for _, cell in model.cells_and_names():
-        get = getattr(cell, "checkpoint_slices", None)
-        if callable(get) and isinstance(cell, nn.Cell):
-            slices.update(get())
-    return slices

@@ -18,7 +18,7 @@ class Write(nn.Cell):
         self.cache = cache
 
     def construct(self, k, v, cache_position):
-        return self.cache.layers[0].update(k, v, cache_position)
+        return self.cache.layers[0].update(k, v, self.cache.rows(cache_position))
 
 
 def test_bucket_length():
@@ -32,9 +32,12 @@ def test_update_writes_positions_in_place(ms_mode):
     write = Write(cache)
     rng = np.random.default_rng(0)
     prompt_k, prompt_v = (rng.standard_normal((2, 2, 5, 8)).astype(np.float32) for _ in range(2))
-    k, v = write(Tensor(prompt_k), Tensor(prompt_v), Tensor(np.arange(5, dtype=np.int32)))
+    # Keys arrive as [B, S, KVH, D] (the projection's layout) and are read back as [B, KVH, L, D].
+    as_written = lambda x: Tensor(x.transpose(0, 2, 1, 3).copy())  # noqa: E731
+    k, v = write(as_written(prompt_k), as_written(prompt_v), Tensor(np.arange(5, dtype=np.int32)))
+    np.testing.assert_array_equal(v.asnumpy()[:, :, :5], prompt_v)
     step_k = rng.standard_normal((2, 2, 1, 8)).astype(np.float32)
-    k, v = write(Tensor(step_k), Tensor(step_k), Tensor(np.array([5], np.int32)))
+    k, v = write(as_written(step_k), as_written(step_k), Tensor(np.array([5], np.int32)))
     expect = np.zeros((2, 2, 16, 8), np.float32)
     expect[:, :, :5], expect[:, :, 5:6] = prompt_k, step_k
     assert k.shape == (2, 2, 16, 8)

@@ -82,12 +82,26 @@ def test_bf16_checkpoint_loads_exactly(tiny_hf, tmp_path):
     assert reader.dtype(key) == "BF16"
     np.testing.assert_array_equal(reader.get(key), want)
     ours = load(tmp_path)
-    np.testing.assert_array_equal(ours.model.layers[0].mlp.up_proj.weight.asnumpy(), want)
+    packed = ours.model.layers[0].mlp.gate_up_proj.weight.asnumpy()
+    np.testing.assert_array_equal(packed[want.shape[0]:], want)  # up_proj is the second half of gate_up_proj
+
+
+def test_packed_projections_hold_the_checkpoint_rows(tiny_hf, tiny_ours):
+    """q/k/v and gate/up are read into one packed projection each, in that order, bit for bit."""
+    hf = tiny_hf[0].model.language_model.layers[1]
+    attn, mlp = tiny_ours.model.layers[1].self_attn, tiny_ours.model.layers[1].mlp
+    as_np = lambda t: t.detach().numpy()  # noqa: E731
+    qkv = [hf.self_attn.q_proj, hf.self_attn.k_proj, hf.self_attn.v_proj]
+    np.testing.assert_array_equal(attn.qkv_proj.weight.asnumpy(), np.concatenate([as_np(p.weight) for p in qkv]))
+    np.testing.assert_array_equal(attn.qkv_proj.bias.asnumpy(), np.concatenate([as_np(p.bias) for p in qkv]))
+    np.testing.assert_array_equal(mlp.gate_up_proj.weight.asnumpy(),
+                                  np.concatenate([as_np(hf.mlp.gate_proj.weight), as_np(hf.mlp.up_proj.weight)]))
+    assert attn.qkv_proj.weight.name == "model.layers.1.self_attn.qkv_proj.weight"
 
 
 def test_loads_as_fp16_with_norms_in_fp32(tiny_hf):
     ours = load(tiny_hf[1], mindspore_dtype=ms.float16)
-    assert ours.model.layers[0].mlp.up_proj.weight.dtype == ms.float16
+    assert ours.model.layers[0].mlp.gate_up_proj.weight.dtype == ms.float16
     assert ours.model.norm.weight.dtype == ms.float32
     assert ours.visual.blocks[0].norm1.weight.dtype == ms.float32
 
@@ -110,14 +124,18 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(tiny_hf, tmp_path):
 
     def edit(t):
         del t["model.layers.1.mlp.down_proj.weight"]
+        del t["model.layers.0.self_attn.k_proj.bias"]  # one piece of a packed projection
         t["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
         t["visual.merger.mlp.2.bias"] = np.zeros(7, np.float32)
+        t["model.layers.1.mlp.up_proj.weight"] = np.zeros((5, 64), np.float32)
 
     _rewrite(folder, edit)
     with pytest.raises(ValueError) as e:
         load(folder)
     msg = str(e.value)
-    assert "missing 1 tensors: model.layers.1.mlp.down_proj.weight" in msg
+    assert "missing 2 tensors: " in msg
+    assert "model.layers.1.mlp.down_proj.weight" in msg and "model.layers.0.self_attn.k_proj.bias" in msg
+    assert "model.layers.1.mlp.up_proj.weight: checkpoint [5, 64] vs model [128, 64]" in msg
     assert "unexpected 1 tensors: model.layers.0.self_attn.extra.weight" in msg
     assert "visual.merger.mlp.2.bias: checkpoint [7] vs model [64]" in msg
 
