@@ -27,6 +27,7 @@ from mindspore import Tensor, nn, ops
 from tqdm.auto import tqdm
 
 from .cache import StaticCache, bucket_length
+from .layers import split
 
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
@@ -241,8 +242,10 @@ class _CachedDecoder(nn.Cell):
         self.cache = cache
 
     def last_logits(self, hidden):
-        b = hidden.shape[0]
-        return self.lm_head(hidden[:, -1:]).astype(ms.float32).reshape(b, -1)
+        b, s, _ = hidden.shape
+        if s > 1:
+            hidden = split(hidden, (s - 1, 1), 1)[1]
+        return self.lm_head(hidden).astype(ms.float32).reshape(b, -1)
 
 
 class Prefill(_CachedDecoder):

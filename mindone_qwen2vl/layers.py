@@ -101,6 +101,22 @@ class Embedding(nn.Cell):
         return ops.gather(self.weight, ids, 0)
 
 
+_slice = ops.Slice()
+
+
+def split(x, sizes, axis):
+    """x cut into consecutive pieces of `sizes` along `axis`, with the Slice primitive: on the CPU backend
+    `ops.split` and `x[a:b]` lower to StridedSlice, measured at ~45 us a kernel against ~4 us for Slice."""
+    axis = axis % x.ndim
+    parts, start = [], 0
+    for size in sizes:
+        begin = tuple(start if i == axis else 0 for i in range(x.ndim))
+        extent = tuple(size if i == axis else x.shape[i] for i in range(x.ndim))
+        parts.append(_slice(x, begin, extent))
+        start += size
+    return parts
+
+
 def rotate_half_matrix(dim):
     """[dim, dim] R with x @ R == rotate_half(x): one matmul instead of two slices, a negation and a concat.
     Exact: every output is one input times +-1 plus exact zeros."""

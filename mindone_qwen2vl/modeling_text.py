@@ -5,13 +5,19 @@ from mindspore import Tensor, nn, ops
 
 from .attention import decoder_attention
 from .config import Qwen2VLTextConfig
-from .layers import Embedding, Linear, PackedLinear, RMSNorm, rotate_half_matrix
+from .layers import Embedding, Linear, PackedLinear, RMSNorm, rotate_half_matrix, split
 from .precision import PrecisionPolicy
 
 
+# Above this many bytes of per-token rotation matrices (Qwen2VLRotaryEmbedding), rotate with tables instead:
+# a decode step of the 2B model at batch 1 needs 1 MB, read once per layer.
+ROTATION_MATRIX_BYTES = 4 * 2 ** 20
+
+
 class Qwen2VLRotaryEmbedding(nn.Cell):
-    """Rotary tables from 3-axis positions [3, B, S]: cos, sin [B*S, heads + 2 * kv heads, head_dim], one row
-    per head of the packed q/k/v projection.
+    """Rotary embedding from 3-axis positions [3, B, S] for every head of the packed q/k/v projection: tables
+    (cos, sin) [B*S, heads + 2 * kv heads, head_dim], or for a few tokens (rotation matrix,) of
+    [B*S, heads + 2 * kv heads, head_dim, head_dim].
 
     M-RoPE gives the frequencies in `mrope_section` to the temporal, height and width positions in turn
     (e.g. 16/24/24 of the 64 frequencies of the 2B model). Selecting each frequency's position first and then
@@ -30,6 +36,8 @@ class Qwen2VLRotaryEmbedding(nn.Cell):
         axis = np.repeat(np.arange(3), config.mrope_section)
         self.head_dim = dim
         self.inv_freq = Tensor(inv_freq)
+        self.eye = Tensor(np.eye(dim, dtype=np.float32))
+        self.rotate_half = Tensor(rotate_half_matrix(dim))
         self.axis_onehot = Tensor((np.arange(3)[:, None] == axis[None, :]).astype(np.float32)[:, None, None, :])
         self.set_heads(config.num_attention_heads, config.num_key_value_heads)
 
@@ -46,7 +54,12 @@ class Qwen2VLRotaryEmbedding(nn.Cell):
         # Exactly one of the three terms is non-zero for each frequency, so the sum is exact.
         freqs = (pos * self.axis_onehot).sum(0) * self.inv_freq  # [B, S, dim/2]
         emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, self.head_dim)
-        return ops.cos(emb) * self.factor + self.value_cos, ops.sin(emb) * self.factor
+        cos, sin = ops.cos(emb) * self.factor + self.value_cos, ops.sin(emb) * self.factor
+        if cos.shape[0] * cos.shape[1] * self.head_dim * self.head_dim * 4 > ROTATION_MATRIX_BYTES:
+            return cos, sin
+        # Few tokens (a decode step): one [D, D] matrix per token and head, so that each layer rotates with one
+        # batched matmul instead of four kernels. x @ M == x * cos + rotate_half(x) * sin, M = diag(cos) + R sin.
+        return (self.eye * cos.expand_dims(2) + self.rotate_half * sin.expand_dims(2),)
 
 
 class Qwen2MLP(nn.Cell):
@@ -58,7 +71,7 @@ class Qwen2MLP(nn.Cell):
         self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype)
 
     def construct(self, x):
-        gate, up = ops.split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
+        gate, up = split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
         return self.down_proj(ops.silu(gate) * up)
 
 
@@ -84,18 +97,23 @@ class Qwen2VLAttention(nn.Cell):
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype)
         self.rotate_half = Tensor(rotate_half_matrix(self.head_dim))
         self.matmul = ops.MatMul()
+        self.bmm = ops.BatchMatMul()
 
-    def construct(self, x, cos, sin, mask, cache=None, cache_rows=None):
-        """x [B*S, hidden]; cos/sin [B*S, heads + 2 kv heads, head_dim] (Qwen2VLRotaryEmbedding); mask additive
+    def construct(self, x, rope, mask, cache=None, cache_rows=None):
+        """x [B*S, hidden]; rope: (cos, sin) or (rotation matrices,) of Qwen2VLRotaryEmbedding; mask additive
         [B, 1, S, L]. cache: None (L = S), or a cache.LayerKVCache that stores this call's keys/values at
         cache_rows (cache.StaticCache.rows) and returns the whole cache to attend over (L = its length)."""
         b, s = mask.shape[0], mask.shape[2]
         heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         # Rotary in float32 whatever the compute dtype (the angles lose bits in fp16), q, k and v in one pass.
-        qkv = self.qkv_proj(x).astype(ms.float32).reshape(-1, d)
-        rotated = self.matmul(qkv, self.rotate_half)
-        qkv = qkv.reshape(-1, heads + 2 * kv, d) * cos + rotated.reshape(-1, heads + 2 * kv, d) * sin
-        q, k, v = ops.split(qkv.astype(x.dtype), (heads, kv, kv), 1)
+        qkv = self.qkv_proj(x).astype(ms.float32)
+        n = heads + 2 * kv
+        if len(rope) == 1:
+            qkv = self.bmm(qkv.reshape(-1, n, 1, d), rope[0]).reshape(-1, n, d)
+        else:
+            rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, n, d)
+            qkv = qkv.reshape(-1, n, d) * rope[0] + rotated * rope[1]
+        q, k, v = split(qkv.astype(x.dtype), (heads, kv, kv), 1)
         k, v = k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
         if cache is not None:
             k, v = cache.update(k, v, cache_rows)
@@ -113,8 +131,8 @@ class Qwen2VLDecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def construct(self, x, cos, sin, mask, cache=None, cache_rows=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_rows)
+    def construct(self, x, rope, mask, cache=None, cache_rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,8 +155,8 @@ class Qwen2VLTextModel(nn.Cell):
         caches: None, or the per-layer KV caches (cache.StaticCache.layers) written at cache_rows
         (cache.StaticCache.rows of the call's positions)."""
         b, s, h = inputs_embeds.shape
-        cos, sin = self.rotary_emb(position_ids)
+        rope = self.rotary_emb(position_ids)
         x = inputs_embeds.reshape(b * s, h)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_rows)
+            x = layer(x, rope, mask, None if caches is None else caches[i], cache_rows)
         return self.norm(x).reshape(b, s, h)

@@ -108,3 +108,18 @@ def test_logits_to_keep(tiny_ours):
     last = tiny_ours(**inputs, logits_to_keep=2).logits.asnumpy()
     assert last.shape == (1, 2, full.shape[-1])
     np.testing.assert_allclose(last, full[:, -2:], rtol=0, atol=1e-5)
+
+
+def test_rotary_tables_path_matches_hf(tiny_hf, tiny_ours, ms_mode, monkeypatch):
+    """Few tokens rotate with per-token matrices, many with cos/sin tables (modeling_text.ROTATION_MATRIX_BYTES);
+    the tiny prompts here take the matrices, so force the tables on a fresh model and compare both with HF."""
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration, modeling_text
+
+    inputs = case_inputs("mixed_left_padded_batch")
+    matrices = tiny_ours(**inputs).logits.asnumpy()
+    monkeypatch.setattr(modeling_text, "ROTATION_MATRIX_BYTES", 0)
+    tables = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)(**inputs).logits.asnumpy()
+    ref = hf_logits(tiny_hf[0], **inputs)
+    mask = inputs["attention_mask"]
+    assert rel_err(tables, ref, mask) < TOL
+    assert rel_err(tables, matrices, mask) < 1e-5
