@@ -37,20 +37,20 @@ def tiny_config():
 
 def _random_weights(config, seed):
     from .config import Qwen2VLConfig
+    from .loading import expected_tensors, parameter_pieces
     from .modeling_qwen2_vl import Qwen2VLForConditionalGeneration
     from .precision import PrecisionPolicy
 
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(config), PrecisionPolicy())
     rng = np.random.default_rng(seed)
     weights = {}
-    for p in model.get_parameters():
-        shape = tuple(p.shape)
+    for name, shape in expected_tensors(parameter_pieces(model)).items():  # the checkpoint's names and shapes
         if len(shape) >= 2:
-            weights[p.name] = rng.normal(0.0, 0.08, shape).astype(np.float32)
-        elif "norm" in p.name or "ln_q" in p.name:
-            weights[p.name] = (1.0 + rng.normal(0.0, 0.05, shape)).astype(np.float32)
+            weights[name] = rng.normal(0.0, 0.08, shape).astype(np.float32)
+        elif "norm" in name or "ln_q" in name:
+            weights[name] = (1.0 + rng.normal(0.0, 0.05, shape)).astype(np.float32)
         else:
-            weights[p.name] = rng.normal(0.0, 0.05, shape).astype(np.float32)
+            weights[name] = rng.normal(0.0, 0.05, shape).astype(np.float32)
     return weights
 
 
