@@ -10,6 +10,8 @@ memory is the block diagonal only, never a mask over every patch.
 import mindspore as ms
 from mindspore import ops
 
+from .layers import split
+
 ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2")
 
 # The flash kernel, looked up at call time so that CPU tests can put an emulation of its documented
@@ -70,14 +72,18 @@ def vision_attention(q, k, v, layout, scale, impl="eager", flash_dtype=ms.float1
     # Softmax is per query row, so query blocks are exact; blocks bound the float32 scores (a 1372x2044
     # image is one 14k-patch frame: 16 heads x 14k^2 scores would be 13 GB at once).
     block = _query_block(n_frames * heads, lmax)
+    sizes = [min(block, lmax - start) for start in range(0, lmax, block)]
+    q_blocks = [q] if len(sizes) == 1 else split(q, sizes, 2)  # Slice: StridedSlice is slow on CPU
     outs = []
-    for start in range(0, lmax, block):
-        q_block = q[:, :, start:start + block]
+    for q_block in q_blocks:
         if outs:
             # Order the blocks: without it graph mode may compute every block's scores before any softmax,
             # holding them all at once.
             q_block = ops.depend(q_block, outs[-1])
-        scores = (_bmm_t(q_block, k) * scale).astype(ms.float32)
+        scores = _bmm_t(q_block, k)
+        if scale != 1.0:
+            scores = scores * scale
+        scores = scores.astype(ms.float32)
         if bias is not None:
             scores = scores + bias
         outs.append(_bmm(_softmax_fp32(scores, q.dtype), v))

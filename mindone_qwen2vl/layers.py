@@ -131,21 +131,10 @@ def split(x, sizes, axis):
 
 
 def rotate_half_matrix(dim):
-    """[dim, dim] R with x @ R == rotate_half(x): one matmul instead of two slices, a negation and a concat.
-    Exact: every output is one input times +-1 plus exact zeros."""
+    """[dim, dim] R with x @ R == concat(-x2, x1) for x = concat(x1, x2), rotary's "rotate half": one matmul
+    instead of two slices, a negation and a concat. Exact: every output is one input times +-1 plus zeros."""
     half = dim // 2
     r = np.zeros((dim, dim), np.float32)
     r[np.arange(half) + half, np.arange(half)] = -1.0
     r[np.arange(half), np.arange(half) + half] = 1.0
     return r
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
-
-
-def apply_rotary(x, cos, sin):
-    """Rotary embedding in float32 whatever x's dtype (the angles lose bits in fp16), result in x's dtype."""
-    xf = x.astype(ms.float32)
-    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import mindspore as ms
 
-from .attention import ATTN_IMPLEMENTATIONS
 
 FLASH_DTYPE = ms.float16
 NORM_DTYPE = ms.float32
@@ -73,6 +72,8 @@ class PrecisionPolicy:
 def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dtype=None, device=None):
     """The policy for this device. Ascend defaults: flash attention, bf16 Conv3d. Elsewhere: eager, and
     the dtypes the CPU kernels support (see the module docstring for the fallbacks)."""
+    from .attention import ATTN_IMPLEMENTATIONS  # here: attention.py uses layers.py, which uses this module
+
     device = device or device_target()
     dtype = parse_dtype(mindspore_dtype) or ms.float32
     conv = parse_dtype(conv_dtype)
