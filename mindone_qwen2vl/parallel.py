@@ -1,7 +1,8 @@
 """Tensor parallelism across the cards of one MindSpore distributed job (msrun), for models too big for one card.
 
 Layout of the decoder over N ranks (every rank runs every layer on its share of the width):
-- attention: q/k/v split by output columns (whole heads; each rank packs its q, k, v rows into one projection), o_proj by input rows, then an all-reduce;
+- attention: q/k/v split by output columns (whole heads; a rank packs its q, k, v rows into one
+  projection), o_proj by input rows, then an all-reduce;
   when N exceeds the KV heads, each KV head is replicated on the N / num_key_value_heads ranks that share it;
 - MLP: gate/up split by output columns, down_proj by input rows, then an all-reduce;
 - embedding: each rank holds a range of the vocabulary and looks up only its ids; an all-reduce sums the rows;
