@@ -46,6 +46,11 @@ class LayerKVCache(nn.Cell):
         v = ops.depend(self.value, self.scatter(self.value, rows, value.astype(self.value.dtype)))
         return k.reshape(self.shape), v.reshape(self.shape)
 
+    def write(self, key, value, rows):
+        """Write key/value [B, S, KVH, D] at rows [B, S, KVH]; nothing is read back."""
+        return ops.depend(rows, (self.scatter(self.key, rows, key.astype(self.key.dtype)),
+                                 self.scatter(self.value, rows, value.astype(self.value.dtype))))
+
 
 class StaticCache(nn.Cell):
     """The KV caches of every decoder layer plus the attention mask over them.
@@ -89,3 +94,19 @@ class StaticCache(nn.Cell):
 
     def nbytes(self):
         return sum(p.nbytes for p in self.get_parameters())
+
+
+class WritePrompt(nn.Cell):
+    """Writes a prompt's keys and values, computed without the cache (Qwen2VLTextModel.prompt_layers), to a
+    StaticCache at cache_position [S]: one graph for every layer."""
+
+    def __init__(self, cache: StaticCache):
+        super().__init__(auto_prefix=False)
+        self.cache = cache
+
+    def construct(self, cache_position, *kv):
+        rows = self.cache.rows(cache_position)
+        done = rows
+        for i, layer in enumerate(self.cache.layers):
+            done = ops.depend(done, layer.write(kv[2 * i], kv[2 * i + 1], rows))
+        return done

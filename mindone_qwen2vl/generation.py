@@ -26,7 +26,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from tqdm.auto import tqdm
 
-from .cache import StaticCache, bucket_length
+from .cache import StaticCache, WritePrompt, bucket_length
 from .layers import split
 
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
@@ -231,35 +231,65 @@ class TokenChooser:
 
 
 # ---------------------------------------------------------------------------------------------- device steps
-class _CachedDecoder(nn.Cell):
-    """The model's decoder and lm_head with a StaticCache; the model's parameters are shared, not copied."""
 
-    def __init__(self, model, cache: StaticCache):
-        # No prefix: holding the model's cells here must not rename their parameters.
+
+
+class LastLogits(nn.Cell):
+    """Float32 logits [B, V] of the last position of hidden states [B, S, hidden]."""
+
+    def __init__(self, lm_head):
         super().__init__(auto_prefix=False)
-        self.text = model.model
-        self.lm_head = model.lm_head
-        self.cache = cache
+        self.lm_head = lm_head
 
-    def last_logits(self, hidden):
+    def construct(self, hidden):
         b, s, _ = hidden.shape
         if s > 1:
             hidden = split(hidden, (s - 1, 1), 1)[1]
         return self.lm_head(hidden).astype(ms.float32).reshape(b, -1)
 
 
-class Prefill(_CachedDecoder):
-    """The prompt: writes its keys/values at cache_position [S] and returns the last position's logits [B, V]."""
+class Prefill:
+    """The prompt: its keys/values written at cache_position [S] (0..S-1) -> the last position's logits [B, V].
 
-    def construct(self, inputs_embeds, position_ids, cache_position, key_mask):
-        mask = self.cache.attention_mask(key_mask, cache_position)
-        hidden = self.text(inputs_embeds, position_ids, mask, self.cache.layers, self.cache.rows(cache_position))
-        return self.last_logits(hidden)
+    Not one graph: the prompt runs through the decoder's shared layer step (Qwen2VLTextModel.prompt_layers,
+    attending over its own keys under the causal and padding mask), then one graph writes every layer's
+    keys and values to the cache. Attending over the prompt's keys or over the cache bucket with the rows
+    after the prompt masked gives the same result (masked keys weigh exactly 0); the first holds one layer's
+    workspace instead of every layer's.
+    """
+
+    def __init__(self, model, cache: StaticCache):
+        self.text = model.model
+        self.cache = cache
+        self.write = WritePrompt(cache)
+        self.logits = LastLogits(model.lm_head)
+
+    def __call__(self, inputs_embeds, position_ids, cache_position, prompt_mask):
+        """prompt_mask [B, S]: 1 for tokens, 0 for (left) padding."""
+        from .modeling_qwen2_vl import causal_mask
+
+        s = prompt_mask.shape[1]
+        mask = Tensor(causal_mask(prompt_mask, s, s))
+        hidden, kv = self.text.prompt_layers(inputs_embeds, position_ids, mask, keep_kv=True)
+        self.write(cache_position, *kv)
+        return self.logits(hidden)
+
+    def compiled(self):
+        """Prompt shapes compiled for this cache (GRAPH_MODE; 0 in pynative)."""
+        return len(self.write.compile_cache)
 
 
-class DecodeOneToken(_CachedDecoder):
+class DecodeOneToken(nn.Cell):
     """One token per row at cache_position [1] -> logits [B, V]. Its inputs have the same shapes at every
-    step, so GRAPH_MODE compiles it once per (batch, bucket)."""
+    step, so GRAPH_MODE compiles it once per (batch, bucket): the whole decoder and lm_head in one graph
+    (a decode step's workspace is small; its cost is the kernels it launches)."""
+
+    def __init__(self, model, cache: StaticCache):
+        # No prefix: holding the model's cells here must not rename their parameters.
+        super().__init__(auto_prefix=False)
+        self.text = model.model
+        self.cache = cache
+        self.last_logits = LastLogits(model.lm_head)
 
     def construct(self, input_ids, cache_position, rope_deltas, key_mask):
         b = input_ids.shape[0]
@@ -297,7 +327,7 @@ def _runner(model, batch, bucket) -> _Runner:
 def compiled_graphs(model):
     """{(batch, bucket): {"prefill": n, "decode": n}}: graphs compiled so far per generation shape (GRAPH_MODE;
     0 in pynative). The decode step must stay at 1 per shape however many tokens are generated."""
-    return {key: {"prefill": len(r.prefill.compile_cache), "decode": len(r.decode.compile_cache)}
+    return {key: {"prefill": r.prefill.compiled(), "decode": len(r.decode.compile_cache)}
             for key, r in getattr(model, "_generation_runners", {}).items()}
 
 
@@ -400,7 +430,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         if streamer is not None:
             streamer.put(ids.copy())
         logits = runner.prefill(embeds, Tensor(position_ids.astype(np.int32)),
-                                Tensor(np.arange(run_seq, dtype=np.int32)), key_mask)
+                                Tensor(np.arange(run_seq, dtype=np.int32)), run_mask)
         for step in range(options.max_new_tokens):
             tokens = chooser(logits.asnumpy(), step)
             if eos.size and options.pad_token_id is not None:

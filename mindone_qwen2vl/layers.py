@@ -31,10 +31,15 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x):
+        return self.compute(x, self.weight, self.bias)
+
+    def compute(self, x, weight, bias=None):
+        """The product with the given weight and bias: `construct` passes its own, a shared layer step
+        (modeling_text.DecoderLayerStep) passes each layer's in turn."""
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]).astype(self.weight.dtype), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.matmul(x.reshape(-1, shape[-1]).astype(weight.dtype), weight)
+        if bias is not None:
+            y = y + bias
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
@@ -100,8 +105,11 @@ class RMSNorm(nn.Cell):
         return {name: [(name, 0, 0, self.dim, whole), (name, 0, 0, self.dim, whole)]}
 
     def construct(self, x):
+        return self.compute(x, self.weight)
+
+    def compute(self, x, weight):
         h = x.astype(NORM_DTYPE)
-        y = self.norm(ops.cat((h, -h), -1), self.weight, self.beta)[0]
+        y = self.norm(ops.cat((h, -h), -1), weight, self.beta)[0]
         return split(y, (self.dim, self.dim), -1)[0].astype(x.dtype)
 
 

@@ -240,7 +240,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         rope_deltas = None
         if position_ids is None:
             position_ids, rope_deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
-        hidden = self.model(embeds, Tensor(to_numpy(position_ids, np.int32)), Tensor(causal_mask(mask, seq, seq)))
+        hidden, _ = self.model.prompt_layers(embeds, Tensor(to_numpy(position_ids, np.int32)),
+                                             Tensor(causal_mask(mask, seq, seq)))
         if logits_to_keep:
             hidden = hidden[:, -int(logits_to_keep):]
         logits = self.lm_head(hidden).astype(ms.float32)

@@ -71,8 +71,11 @@ class Qwen2MLP(nn.Cell):
         self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype)
 
     def construct(self, x):
-        gate, up = split(self.gate_up_proj(x), self.gate_up_proj.sizes, -1)
-        return self.down_proj(ops.silu(gate) * up)
+        return self.compute(x, self.gate_up_proj.weight, self.down_proj.weight)
+
+    def compute(self, x, gate_up_weight, down_weight):
+        gate, up = split(self.gate_up_proj.compute(x, gate_up_weight), self.gate_up_proj.sizes, -1)
+        return self.down_proj.compute(ops.silu(gate) * up, down_weight)
 
 
 def qkv_parts(heads, kv_heads, head_dim, q_span=None, kv_span=None):
@@ -103,24 +106,32 @@ class Qwen2VLAttention(nn.Cell):
         """x [B*S, hidden]; rope: (cos, sin) or (rotation matrices,) of Qwen2VLRotaryEmbedding; mask additive
         [B, 1, S, L]. cache: None (L = S), or a cache.LayerKVCache that stores this call's keys/values at
         cache_rows (cache.StaticCache.rows) and returns the whole cache to attend over (L = its length)."""
+        rope_b = rope[1] if len(rope) == 2 else None
+        return self.compute(x, rope[0], rope_b, mask, cache, cache_rows, self.qkv_proj.weight, self.qkv_proj.bias,
+                            self.o_proj.weight)[0]
+
+    def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, qkv_weight, qkv_bias, o_weight):
+        """`construct` with the weights as arguments and rope as (cos, sin) or (matrices, None); returns
+        (output [B*S, hidden], this call's keys and values [B, S, KVH, D])."""
         b, s = mask.shape[0], mask.shape[2]
         heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         # Rotary in float32 whatever the compute dtype (the angles lose bits in fp16), q, k and v in one pass.
-        qkv = self.qkv_proj(x).astype(ms.float32)
+        qkv = self.qkv_proj.compute(x, qkv_weight, qkv_bias).astype(ms.float32)
         n = heads + 2 * kv
-        if len(rope) == 1:
-            qkv = self.bmm(qkv.reshape(-1, n, 1, d), rope[0]).reshape(-1, n, d)
+        if rope_b is None:
+            qkv = self.bmm(qkv.reshape(-1, n, 1, d), rope_a).reshape(-1, n, d)
         else:
             rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, n, d)
-            qkv = qkv.reshape(-1, n, d) * rope[0] + rotated * rope[1]
+            qkv = qkv.reshape(-1, n, d) * rope_a + rotated * rope_b
         q, k, v = split(qkv.astype(x.dtype), (heads, kv, kv), 1)
         k, v = k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
         if cache is not None:
-            k, v = cache.update(k, v, cache_rows)
+            keys, values = cache.update(k, v, cache_rows)
         else:
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        out = decoder_attention(q.reshape(b, s, heads, d), k, v, mask, self.attn_implementation, self.flash_dtype)
-        return self.o_proj(out)
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        out = decoder_attention(q.reshape(b, s, heads, d), keys, values, mask, self.attn_implementation,
+                                self.flash_dtype)
+        return self.o_proj.compute(out, o_weight), k, v
 
 
 class Qwen2VLDecoderLayer(nn.Cell):
@@ -132,8 +143,49 @@ class Qwen2VLDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def construct(self, x, rope, mask, cache=None, cache_rows=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_rows)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        rope_b = rope[1] if len(rope) == 2 else None
+        return self.compute(x, rope[0], rope_b, mask, cache, cache_rows, *self.parameters_in_order())[0]
+
+    def parameters_in_order(self):
+        return (self.input_layernorm.weight, self.self_attn.qkv_proj.weight, self.self_attn.qkv_proj.bias,
+                self.self_attn.o_proj.weight, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
+                self.mlp.down_proj.weight)
+
+    def weights(self):
+        """The layer's tensors in `compute`'s argument order, as values (plain tensors, not Parameters): what
+        DecoderLayerStep takes, so that one compiled graph serves every layer."""
+        return tuple(p.value() for p in self.parameters_in_order())
+
+    def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, input_norm, qkv_weight, qkv_bias, o_weight,
+                post_norm, gate_up_weight, down_weight):
+        """The layer with its weights as arguments -> (x [B*S, hidden], keys and values [B, S, KVH, D])."""
+        attn, k, v = self.self_attn.compute(self.input_layernorm.compute(x, input_norm), rope_a, rope_b, mask, cache,
+                                            cache_rows, qkv_weight, qkv_bias, o_weight)
+        x = x + attn
+        return x + self.mlp.compute(self.post_attention_layernorm.compute(x, post_norm), gate_up_weight,
+                                    down_weight), k, v
+
+
+class DecoderLayerStep(nn.Cell):
+    """One decoder layer with its weights as arguments: one graph, compiled once per prompt shape, runs every
+    layer of a prompt (Qwen2VLTextModel.prompt_layers).
+
+    In GRAPH_MODE each compiled graph keeps its own workspace for as long as it lives, and a graph of all the
+    layers holds every layer's: a 2000-token prompt at the 2B widths grew RSS by about 1 GB per layer, in
+    forward() and again in generate()'s prefill. The step holds one layer's, shared by both.
+    It computes with the first layer's cells (their head counts, attention backend and, under tensor
+    parallelism, their all-reduce), never with their parameters.
+    """
+
+    def __init__(self, layer: Qwen2VLDecoderLayer):
+        # No prefix: holding the layer here must not rename its parameters.
+        super().__init__(auto_prefix=False)
+        self.layer = layer
+
+    def construct(self, x, rope_a, rope_b, mask, input_norm, qkv_weight, qkv_bias, o_weight, post_norm,
+                  gate_up_weight, down_weight):
+        return self.layer.compute(x, rope_a, rope_b, mask, None, None, input_norm, qkv_weight, qkv_bias, o_weight,
+                                  post_norm, gate_up_weight, down_weight)
 
 
 class Qwen2VLTextModel(nn.Cell):
@@ -149,6 +201,7 @@ class Qwen2VLTextModel(nn.Cell):
         self.layers = nn.CellList([Qwen2VLDecoderLayer(config, policy) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2VLRotaryEmbedding(config)
+        self.layer_step = DecoderLayerStep(self.layers[0])
 
     def construct(self, inputs_embeds, position_ids, mask, caches=None, cache_rows=None):
         """inputs_embeds [B, S, hidden], position_ids [3, B, S], mask additive [B, 1, S, L] -> [B, S, hidden].
@@ -160,3 +213,22 @@ class Qwen2VLTextModel(nn.Cell):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, None if caches is None else caches[i], cache_rows)
         return self.norm(x).reshape(b, s, h)
+
+    def prompt_layers(self, inputs_embeds, position_ids, mask, keep_kv=False):
+        """`construct` without a cache, as separate graphs in GRAPH_MODE: the rotary tables, each layer (one
+        shared compiled DecoderLayerStep), the final norm. -> (hidden [B, S, hidden], keys and values)
+
+        For whole prompts (forward, generate's prefill): memory then holds one layer's workspace, not one per
+        layer. keep_kv: also return every layer's keys and values [B, S, KVH, D] (k0, v0, k1, v1, ...), to be
+        written to a cache; otherwise ().
+        """
+        b, s, h = inputs_embeds.shape
+        rope = self.rotary_emb(position_ids)
+        rope_b = rope[1] if len(rope) == 2 else None
+        x = inputs_embeds.reshape(b * s, h)
+        kv = []
+        for layer in self.layers:
+            x, k, v = self.layer_step(x, rope[0], rope_b, mask, *layer.weights())
+            if keep_kv:
+                kv += [k, v]
+        return self.norm(x).reshape(b, s, h), tuple(kv)

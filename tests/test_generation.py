@@ -151,7 +151,8 @@ def flash_pair(tmp_path_factory):
 
 
 def test_flash_attention_path_generates_the_same(flash_pair):
-    """The Ascend default: prefill and decode masks over the cache bucket go through flash_attention_score.
+    """The Ascend default: the prefill mask over the prompt and the decode masks over the cache bucket go
+    through flash_attention_score.
     Pynative only: there the emulation logs its calls (and graph mode would compile two more models)."""
     import flash_emulation
     from mindone_qwen2vl.attention import FLASH_KERNEL
@@ -167,6 +168,7 @@ def test_flash_attention_path_generates_the_same(flash_pair):
         FLASH_KERNEL["fn"] = None
     seq = inputs["input_ids"].shape[1]
     bnsd = [call for call in flash_emulation.CALLS if call[0] == "BNSD"]
-    assert {call[2][2:] for call in bnsd} == {(seq, 16), (1, 16)}  # prefill and decode queries
-    assert {call[3][2] for call in bnsd} == {128}  # keys: the whole cache bucket
+    # (query length, key length): the prompt over its own keys, then one token over the whole cache bucket
+    assert {(call[2][2], call[3][2]) for call in bnsd} == {(seq, seq), (1, 128)}
+    assert {call[2][3] for call in bnsd} == {16}  # head_dim
     np.testing.assert_array_equal(ours, eager.generate(**inputs, max_new_tokens=n))
