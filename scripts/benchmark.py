@@ -28,6 +28,9 @@ SHAPES = {
     "2b": dict(text=dict(), vision=dict()),
 }
 IMAGE_SIZES = {"448x448": (448, 448), "1372x2044": (1372, 2044)}
+# Workers start from the environment this script was started with: importing mindone_qwen2vl here (the
+# processor prepares the inputs) sets ONEDNN_MAX_CPU_ISA on a CPU, which must not reach the HF worker.
+LAUNCH_ENV = dict(os.environ)
 QUESTION = "Describe this image in detail."
 
 
@@ -177,6 +180,7 @@ def run_worker(args):
                            do_sample=False, streamer=clock)
             result["decode_ms_per_token"] = clock.decode_ms()
     result["peak_rss_mb"] = _peak_rss_mb()
+    result["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     with open(args.out, "w") as f:
         json.dump(result, f)
 
@@ -231,7 +235,7 @@ def main(argv=None):
                "--shape", args.shape, "--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                "--skip_vision", ",".join(args.skip_vision)]
         print(f"[{args.shape}] running {runner} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd)
+        proc = subprocess.run(cmd, env=LAUNCH_ENV)
         if proc.returncode != 0:
             print(f"runner {runner} failed (exit {proc.returncode})", file=sys.stderr)
             continue
@@ -241,6 +245,8 @@ def main(argv=None):
     info = {"shape": args.shape, "config": shape_config(args.shape), "new_tokens": args.new_tokens,
             "cpu_count": os.cpu_count(), "results": results}
     print(table(results))
+    print("ONEDNN_MAX_CPU_ISA: " + ", ".join(f"{r['runner']} {r.get('onednn_max_cpu_isa') or 'unset'}"
+                                             for r in results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)

@@ -117,13 +117,22 @@ def test_decode_step_compiles_once(tiny_ours):
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         first = case_inputs("text_only")
+        steps = tiny_ours.model.layer_step.compile_cache
+        before = len(steps)  # other tests may have compiled prompt shapes already
         out = tiny_ours.generate(**first, max_new_tokens=40, eos_token_id=[])
+        # Every decoder layer of the prompt ran the one shared layer step: at most one new graph.
+        after_first = len(steps)
+        assert after_first >= 1 and after_first - before <= 1
         assert out.shape[1] == first["input_ids"].shape[1] + 40
         key = (1, 128)
         assert compiled_graphs(tiny_ours)[key]["decode"] == 1
         # A prompt of another length (graph mode pads prompts to a multiple of 64) reuses both graphs.
         tiny_ours.generate(input_ids=np.array([[5, 6, 7]]), max_new_tokens=30, eos_token_id=[])
         assert compiled_graphs(tiny_ours)[key] == {"prefill": 1, "decode": 1}
+        assert len(steps) == after_first  # the same padded prompt shape
+        # The decode step holds the model as plain attributes: a call walks no sub-cells on the host.
+        runner = tiny_ours._generation_runners[key]
+        assert [name for name, _ in runner.decode.cells_and_names()] == [""]
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 

@@ -167,3 +167,34 @@ def test_presets_found_where_an_installed_package_keeps_them(tmp_path, monkeypat
     assert load_preset("qwen2-vl-7b-instruct")["tensor_parallel_size"] == 1
     with pytest.raises(FileNotFoundError, match=r"not one of \['qwen2-vl-7b-instruct'\]"):
         load_preset("qwen2-vl-2b-instruct")
+
+
+# ------------------------------------------------------------------------------------------------ CPU backend
+_ISA_SCRIPT = """
+import os, numpy as np, mindspore as ms, mindone_qwen2vl
+from mindspore import ops, Tensor
+ops.matmul(Tensor(np.ones((1, 8), np.float32)), Tensor(np.ones((8, 8), np.float32))).asnumpy()
+print("ISA=" + os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+"""
+
+
+@pytest.mark.skipif(ms.get_context("device_target") != "CPU", reason="oneDNN's ISA cap is for the CPU backend")
+@pytest.mark.parametrize("given", [None, "AVX512_CORE"])
+def test_cpu_backend_caps_onednn_at_avx2_unless_told(given):
+    """Importing the package caps oneDNN at AVX2 (its gemm runs decode's one-row products faster than the
+    AVX-512 brgemm), before oneDNN's first kernel, and leaves a value the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    env["ONEDNN_VERBOSE"] = "1"
+    if given:
+        env["ONEDNN_MAX_CPU_ISA"] = given
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"ISA={given or 'AVX2'}" in out.stdout
+    isa = [line for line in out.stdout.splitlines() if ",info,cpu,isa:" in line]
+    assert isa, out.stdout[-2000:]  # oneDNN ran a kernel and said which instruction set it allows
+    if not given:
+        assert "AVX-512" not in isa[0] and "AVX512" not in isa[0], isa[0]
