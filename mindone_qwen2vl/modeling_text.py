@@ -5,7 +5,7 @@ from mindspore import Tensor, nn, ops
 
 from .attention import decoder_attention
 from .config import Qwen2VLTextConfig
-from .layers import Embedding, Linear, PackedLinear, RMSNorm, rotate_half_matrix, split
+from .layers import Embedding, Linear, PackedLinear, RMSNorm, as_arguments, rotate_half_matrix, split
 from .precision import PrecisionPolicy
 
 
@@ -154,7 +154,7 @@ class Qwen2VLDecoderLayer(nn.Cell):
     def weights(self):
         """The layer's tensors in `compute`'s argument order, as values (plain tensors, not Parameters): what
         DecoderLayerStep takes, so that one compiled graph serves every layer."""
-        return tuple(p.value() for p in self.parameters_in_order())
+        return as_arguments(self.parameters_in_order())
 
     def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, input_norm, qkv_weight, qkv_bias, o_weight,
                 post_norm, gate_up_weight, down_weight):

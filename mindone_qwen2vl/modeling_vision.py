@@ -13,7 +13,7 @@ from mindspore import Tensor, nn, ops
 
 from .attention import vision_attention
 from .config import Qwen2VLVisionConfig
-from .layers import LayerNorm, Linear, new_param, rotate_half_matrix, split
+from .layers import LayerNorm, Linear, as_arguments, new_param, rotate_half_matrix, split
 from .precision import NORM_DTYPE, PrecisionPolicy
 
 
@@ -163,7 +163,7 @@ class Qwen2VLVisionBlock(nn.Cell):
         params = (self.norm1.weight, self.norm1.bias, self.attn.qkv.weight, self.attn.qkv.bias,
                   self.attn.proj.weight, self.attn.proj.bias, self.norm2.weight, self.norm2.bias,
                   self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias)
-        return tuple(p.value() for p in params)
+        return as_arguments(params)
 
 
 class VisionBlockStep(nn.Cell):
