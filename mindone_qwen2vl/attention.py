@@ -33,7 +33,7 @@ def _softmax_fp32(scores, dtype):
     return ops.softmax(scores, -1).astype(dtype)
 
 
-SCORES_BUDGET = 256 * 2 ** 20  # bytes of float32 attention scores held at once by the eager vision path
+SCORES_BUDGET = 256 * 2 ** 20  # bytes of float32 attention scores held at once by the eager paths
 
 
 def _query_block(rows, length):
@@ -111,6 +111,26 @@ def decoder_attention(q, k, v, mask, impl="eager", flash_dtype=ms.float16):
                              v.astype(flash_dtype), heads, attn_mask=discard, scalar_value=1.0, input_layout="BNSD",
                              sparse_mode=0)
         return out.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * s, heads * d)
+    if s == 1:
+        return _grouped_attention(q, k, v, mask)
+    # A prompt: query blocks bound the float32 scores as in the vision path (softmax is per query row, so
+    # blocks are exact); a 4000-token prompt of the 2B model would otherwise hold 12 x 4000^2 scores per copy.
+    block = _query_block(b * heads, length)
+    if block >= s:
+        return _grouped_attention(q, k, v, mask)
+    sizes = [min(block, s - start) for start in range(0, s, block)]
+    outs = []
+    for q_block, mask_block in zip(split(q, sizes, 1), split(mask, sizes, 2)):
+        if outs:
+            q_block = ops.depend(q_block, outs[-1])  # one block's scores at a time, as in vision_attention
+        outs.append(_grouped_attention(q_block, k, v, mask_block).reshape(b, -1, heads * d))
+    return ops.cat(outs, 1).reshape(b * s, heads * d)
+
+
+def _grouped_attention(q, k, v, mask):
+    """Eager grouped-query attention: q [B, S, H, D], k/v [B, KVH, L, D], mask [B, 1, S, L] -> [B * S, H * D]."""
+    b, s, heads, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
     n_rep = heads // kv_heads
     # The query heads of one KV head become the rows of one product ([B, KVH, n_rep * S, D]) instead of
     # repeating K and V n_rep times. With one query position (decode) that layout is a plain reshape.

@@ -123,3 +123,23 @@ def test_rotary_tables_path_matches_hf(tiny_hf, tiny_ours, ms_mode, monkeypatch)
     mask = inputs["attention_mask"]
     assert rel_err(tables, ref, mask) < TOL
     assert rel_err(tables, matrices, mask) < 1e-5
+
+
+def test_prompt_query_blocks_are_exact(tiny_hf, tiny_ours, monkeypatch):
+    """The decoder's prompt attention in query blocks (long prompts on the eager path) equals one block and HF,
+    padding included."""
+    from mindone_qwen2vl import attention
+
+    inputs = case_inputs("mixed_left_padded_batch")
+    whole = tiny_ours(**inputs).logits.asnumpy()
+    batch, seq = inputs["input_ids"].shape
+    heads = tiny_ours.config.text_config.num_attention_heads
+    # A budget of 5 query rows of batch x heads x seq float32 scores: blocks of 5 positions.
+    monkeypatch.setattr(attention, "SCORES_BUDGET", batch * heads * seq * 4 * 5)
+    assert attention._query_block(batch * heads, seq) == 5 < seq
+    blocked = tiny_ours(**inputs).logits.asnumpy()
+    mask = inputs["attention_mask"]
+    assert rel_err(blocked, whole, mask) < 1e-6
+    ref = hf_logits(tiny_hf[0], **inputs)
+    assert rel_err(blocked, ref, mask) < TOL
+    assert (blocked.argmax(-1) == ref.argmax(-1))[mask.astype(bool)].all()
