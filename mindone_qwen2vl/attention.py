@@ -102,7 +102,7 @@ def decoder_attention(q, k, v, mask, impl="eager", flash_dtype=ms.float16):
     negative). Returns [B * S, H * D].
     """
     b, s, heads, d = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    length = k.shape[2]
     if impl == "flash_attention_2":
         # BNSD with the KV heads as they are (the kernel takes N2 dividing N1); its mask is boolean, True
         # where a key is discarded, the causal and padding pattern of the additive mask.

@@ -4,7 +4,8 @@ sampling, left-padded batches, streaming.
 One call:
   host    options (arguments > the checkpoint's generation_config.json > HF's defaults), rope index and
           rope_deltas, the key mask over the cache bucket, the prompt embedding (the vision tower runs here, once)
-  device  `Prefill`: the whole prompt, written to the cache at positions 0..S-1; logits of the last position.
+  device  `Prefill`: the whole prompt through the decoder's shared layer step (one layer's workspace at a
+          time), its keys/values then written to the cache at positions 0..S-1; logits of the last position.
           In GRAPH_MODE the prompt is first left-padded (masked) to a multiple of PROMPT_BUCKET so that prompts
           of nearby lengths reuse one compiled prefill.
   loop    host: next tokens from the logits (`TokenChooser`), pad for finished rows, streamer, eos
