@@ -422,9 +422,10 @@ def format_timings(load, preprocess, start, clock, prompt_tokens, batch, mode):
     return "timings: " + " | ".join(parts)
 
 
-def _settings_line(settings, policy, folder):
+def _settings_line(settings, policy, folder, cpu_isa=None):
     d = policy.describe()
-    return (f"model {folder} | {settings.mode} mode | device {d['device']} | weights/matmuls {d['linear/embedding']}, "
+    device = d["device"] + (f" (oneDNN {cpu_isa})" if d["device"] == "CPU" and cpu_isa else "")
+    return (f"model {folder} | {settings.mode} mode | device {device} | weights/matmuls {d['linear/embedding']}, "
             f"Conv3d {d['patch_embed Conv3d']}, attention {d['attention']}, norms {d['LayerNorm/RMSNorm']} | "
             f"tensor parallel {settings.tensor_parallel}")
 
@@ -479,11 +480,13 @@ def run(settings: Settings, say):
 def _run_pipeline(settings, folder, main_rank, say, t):
     import mindspore as ms
 
+    from . import tune_cpu_matmuls
     from .precision import resolve_policy
     from .processing import Qwen2VLProcessor
 
+    isa = tune_cpu_matmuls(len(settings.requests))  # before any model computation (see the package's __init__)
     policy = resolve_policy(settings.dtype, settings.attn_implementation, settings.conv_dtype)
-    say(_settings_line(settings, policy, folder))
+    say(_settings_line(settings, policy, folder, isa))
     processor = Qwen2VLProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"  # generation continues every row at the same position
     load = time.perf_counter() - t

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import mindspore as ms
 import pytest
 
 from mindone_qwen2vl import cli
@@ -25,6 +26,7 @@ VIDEO = os.path.join(ROOT, "scripts", "video_understanding.py")
 ASSETS = os.path.join(ROOT, "tests", "assets")
 IMG1, IMG2, MP4 = (os.path.join(ASSETS, f) for f in ("1.jpg", "2.jpg", "4.mp4"))
 TIMEOUT = 600
+ON_CPU = ms.get_context("device_target") == "CPU"
 NEW_TOKENS = 5
 SMALL = ["--min_pixels", "3136", "--max_pixels", "12544"]  # 300x168 -> 112x56: a few vision tokens
 TIMINGS = re.compile(r"^timings: load [\d.]+ s \| preprocess [\d.]+ s \| prefill [\d.]+ s \((.+?)\) \| decode "
@@ -37,6 +39,9 @@ def env(tmp_path_factory):
     first script run racing the others)."""
     cache = str(tmp_path_factory.mktemp("qwen2vl_cache"))
     environment = dict(os.environ, MINDONE_QWEN2VL_CACHE=cache)
+    # Importing the package here set oneDNN's cap in this process: the scripts start as a user's would.
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        environment.pop(name, None)
     old = os.environ.get("MINDONE_QWEN2VL_CACHE")
     os.environ["MINDONE_QWEN2VL_CACHE"] = cache
     try:
@@ -135,6 +140,8 @@ def test_several_images_stream_the_answer_then_timings(env, image_run):
                                                        {"type": "text", "text": PROMPT})])
     assert match.group(1) == f"{want} prompt tokens"
     assert f"({NEW_TOKENS - 1} steps)" in err  # pynative: every decode step is in the rate
+    if ON_CPU:
+        assert "| device CPU (oneDNN AVX2) |" in err  # batch 1: oneDNN capped at AVX2 (package __init__)
 
 
 def test_batch_file_answers_every_line_in_order(env, image_run, batch_run):
@@ -147,6 +154,8 @@ def test_batch_file_answers_every_line_in_order(env, image_run, batch_run):
     assert [r.get("id") for r in rows] == [None, "clip", 7, None]
     assert all(isinstance(r["answer"], str) and r["answer"] for r in rows)
     assert f"wrote 4 answers to {output}" in err
+    if ON_CPU:
+        assert "| device CPU (oneDNN ALL) |" in err  # a batch lifts the AVX2 cap before the first kernel
     match = TIMINGS.search(err)
     assert match, err
     items = [c if isinstance(c, list) else c["messages"] for c in conversations]
