@@ -271,7 +271,7 @@ class Prefill:
 
         s = prompt_mask.shape[1]
         mask = Tensor(causal_mask(prompt_mask, s, s))
-        hidden, kv = self.text.prompt_layers(inputs_embeds, position_ids, mask, keep_kv=True)
+        hidden, kv = self.text.prompt_layers(inputs_embeds, position_ids, mask, keep_kv=True, keep_last=1)
         self.write(cache_position, *kv)
         return self.logits(hidden)
 

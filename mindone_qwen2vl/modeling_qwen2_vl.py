@@ -240,9 +240,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         rope_deltas = None
         if position_ids is None:
             position_ids, rope_deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
+        keep = int(logits_to_keep) if logits_to_keep else 0
         hidden, _ = self.model.prompt_layers(embeds, Tensor(to_numpy(position_ids, np.int32)),
-                                             Tensor(causal_mask(mask, seq, seq)))
-        if logits_to_keep:
-            hidden = hidden[:, -int(logits_to_keep):]
+                                             Tensor(causal_mask(mask, seq, seq)), keep_last=keep)
+        if 0 < keep < hidden.shape[1]:
+            hidden = hidden[:, -keep:]
         logits = self.lm_head(hidden).astype(ms.float32)
         return Qwen2VLOutput(logits=logits, rope_deltas=rope_deltas)

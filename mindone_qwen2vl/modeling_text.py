@@ -110,9 +110,10 @@ class Qwen2VLAttention(nn.Cell):
         return self.compute(x, rope[0], rope_b, mask, cache, cache_rows, self.qkv_proj.weight, self.qkv_proj.bias,
                             self.o_proj.weight)[0]
 
-    def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, qkv_weight, qkv_bias, o_weight):
+    def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, qkv_weight, qkv_bias, o_weight, keep=None):
         """`construct` with the weights as arguments and rope as (cos, sin) or (matrices, None); returns
-        (output [B*S, hidden], this call's keys and values [B, S, KVH, D])."""
+        (output [B*S, hidden], this call's keys and values [B, S, KVH, D]). keep: only the last `keep` query
+        positions attend (output [B*keep, hidden]); keys and values are still every position's."""
         b, s = mask.shape[0], mask.shape[2]
         heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         # Rotary in float32 whatever the compute dtype (the angles lose bits in fp16), q, k and v in one pass.
@@ -129,8 +130,10 @@ class Qwen2VLAttention(nn.Cell):
             keys, values = cache.update(k, v, cache_rows)
         else:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        out = decoder_attention(q.reshape(b, s, heads, d), keys, values, mask, self.attn_implementation,
-                                self.flash_dtype)
+        q = q.reshape(b, s, heads, d)
+        if keep is not None:
+            q, mask = last_positions(q, keep, 1), last_positions(mask, keep, 2)
+        out = decoder_attention(q, keys, values, mask, self.attn_implementation, self.flash_dtype)
         return self.o_proj.compute(out, o_weight), k, v
 
 
@@ -157,10 +160,15 @@ class Qwen2VLDecoderLayer(nn.Cell):
         return as_arguments(self.parameters_in_order())
 
     def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, input_norm, qkv_weight, qkv_bias, o_weight,
-                post_norm, gate_up_weight, down_weight):
-        """The layer with its weights as arguments -> (x [B*S, hidden], keys and values [B, S, KVH, D])."""
+                post_norm, gate_up_weight, down_weight, keep=None):
+        """The layer with its weights as arguments -> (x [B*S, hidden], keys and values [B, S, KVH, D]).
+        keep: the output holds only the last `keep` positions, [B*keep, hidden] (the last layer of a prompt
+        whose logits are wanted there only); keys and values are every position's, for the cache."""
         attn, k, v = self.self_attn.compute(self.input_layernorm.compute(x, input_norm), rope_a, rope_b, mask, cache,
-                                            cache_rows, qkv_weight, qkv_bias, o_weight)
+                                            cache_rows, qkv_weight, qkv_bias, o_weight, keep)
+        if keep is not None:
+            b, s = mask.shape[0], mask.shape[2]
+            x = last_positions(x.reshape(b, s, -1), keep, 1).reshape(b * keep, -1)
         x = x + attn
         return x + self.mlp.compute(self.post_attention_layernorm.compute(x, post_norm), gate_up_weight,
                                     down_weight), k, v
@@ -183,9 +191,10 @@ class DecoderLayerStep(nn.Cell):
         self.layer = layer
 
     def construct(self, x, rope_a, rope_b, mask, input_norm, qkv_weight, qkv_bias, o_weight, post_norm,
-                  gate_up_weight, down_weight):
+                  gate_up_weight, down_weight, keep=None):
+        # keep (a Python int or None) is a constant of the graph: a prompt's last layer compiles its own.
         return self.layer.compute(x, rope_a, rope_b, mask, None, None, input_norm, qkv_weight, qkv_bias, o_weight,
-                                  post_norm, gate_up_weight, down_weight)
+                                  post_norm, gate_up_weight, down_weight, keep)
 
 
 class Qwen2VLTextModel(nn.Cell):
@@ -214,21 +223,30 @@ class Qwen2VLTextModel(nn.Cell):
             x = layer(x, rope, mask, None if caches is None else caches[i], cache_rows)
         return self.norm(x).reshape(b, s, h)
 
-    def prompt_layers(self, inputs_embeds, position_ids, mask, keep_kv=False):
+    def prompt_layers(self, inputs_embeds, position_ids, mask, keep_kv=False, keep_last=0):
         """`construct` without a cache, as separate graphs in GRAPH_MODE: the rotary tables, each layer (one
         shared compiled DecoderLayerStep), the final norm. -> (hidden [B, S, hidden], keys and values)
 
         For whole prompts (forward, generate's prefill): memory then holds one layer's workspace, not one per
         layer. keep_kv: also return every layer's keys and values [B, S, KVH, D] (k0, v0, k1, v1, ...), to be
-        written to a cache; otherwise ().
+        written to a cache; otherwise (). keep_last=n (0 < n < S): hidden is only the last n positions,
+        [B, n, hidden]; the last layer then attends, projects and runs its MLP for those positions alone (the
+        others' outputs there feed nothing), which is exact row by row.
         """
         b, s, h = inputs_embeds.shape
         rope = self.rotary_emb(position_ids)
         rope_b = rope[1] if len(rope) == 2 else None
         x = inputs_embeds.reshape(b * s, h)
+        keep = int(keep_last) if 0 < int(keep_last) < s else None
         kv = []
-        for layer in self.layers:
-            x, k, v = self.layer_step(x, rope[0], rope_b, mask, *layer.weights())
+        for i, layer in enumerate(self.layers):
+            x, k, v = self.layer_step(x, rope[0], rope_b, mask, *layer.weights(),
+                                      keep if i == len(self.layers) - 1 else None)
             if keep_kv:
                 kv += [k, v]
-        return self.norm(x).reshape(b, s, h), tuple(kv)
+        return self.norm(x).reshape(b, s if keep is None else keep, h), tuple(kv)
+
+
+def last_positions(x, n, axis):
+    """The last n entries of x along axis (a Slice kernel)."""
+    return split(x, (x.shape[axis] - n, n), axis)[1]

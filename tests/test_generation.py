@@ -177,7 +177,8 @@ def test_flash_attention_path_generates_the_same(flash_pair):
         FLASH_KERNEL["fn"] = None
     seq = inputs["input_ids"].shape[1]
     bnsd = [call for call in flash_emulation.CALLS if call[0] == "BNSD"]
-    # (query length, key length): the prompt over its own keys, then one token over the whole cache bucket
-    assert {(call[2][2], call[3][2]) for call in bnsd} == {(seq, seq), (1, 128)}
+    # (query length, key length): the prompt over its own keys (the last layer: its last position only), then
+    # one token over the whole cache bucket
+    assert {(call[2][2], call[3][2]) for call in bnsd} == {(seq, seq), (1, seq), (1, 128)}
     assert {call[2][3] for call in bnsd} == {16}  # head_dim
     np.testing.assert_array_equal(ours, eager.generate(**inputs, max_new_tokens=n))

@@ -110,6 +110,31 @@ def test_logits_to_keep(tiny_ours):
     np.testing.assert_allclose(last, full[:, -2:], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1, 3, 100])
+def test_logits_to_keep_runs_the_last_layer_on_those_positions_only(tiny_hf, tiny_ours, ms_mode, keep):
+    """With logits_to_keep=n the last decoder layer attends, projects and runs its MLP for the last n positions
+    only (prompt_layers(keep_last=n)); row by row that is the full computation: HF's logits, padded batch."""
+    from mindone_qwen2vl.modeling_qwen2_vl import causal_mask
+
+    inputs = case_inputs("mixed_left_padded_batch")
+    batch, seq = inputs["input_ids"].shape
+    n = min(keep, seq)
+    ref = hf_logits(tiny_hf[0], **inputs)[:, -n:]
+    ours = tiny_ours(**inputs, logits_to_keep=keep).logits.asnumpy()
+    assert ours.shape == (batch, n, ref.shape[-1])
+    err = rel_err(ours, ref, inputs["attention_mask"][:, -n:])
+    print(f"logits_to_keep={keep} [{ms_mode}]: relative error {err:.2e}")
+    assert err < TOL
+    # The text model hands back only the kept positions: the last layer never made the others.
+    embeds = tiny_ours.embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
+                             inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    position_ids, _ = tiny_ours.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"],
+                                               inputs["video_grid_thw"], inputs["attention_mask"])
+    mask = ms.Tensor(causal_mask(inputs["attention_mask"], seq, seq))
+    hidden, _ = tiny_ours.model.prompt_layers(embeds, ms.Tensor(position_ids.astype(np.int32)), mask, keep_last=keep)
+    assert hidden.shape == (batch, n, tiny_ours.config.text_config.hidden_size)
+
+
 def test_rotary_tables_path_matches_hf(tiny_hf, tiny_ours, ms_mode, monkeypatch):
     """Few tokens rotate with per-token matrices, many with cos/sin tables (modeling_text.ROTATION_MATRIX_BYTES);
     the tiny prompts here take the matrices, so force the tables on a fresh model and compare both with HF."""
