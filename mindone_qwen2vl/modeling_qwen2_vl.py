@@ -228,7 +228,11 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep=0, **unused):
         """Logits [batch, seq, vocab] float32; `logits_to_keep=n` (n > 0) keeps only the last n positions, as
-        in HF (the vocabulary projection of every prompt position is most of a long prefill's work)."""
+        in HF (the vocabulary projection of every prompt position is most of a long prefill's work), and the
+        last decoder layer then computes those positions only (see Qwen2VLTextModel.prompt_layers)."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position; HF's tensor of indices is not "
+                             f"supported), got {logits_to_keep!r}")
         ids = to_numpy(input_ids, np.int64)
         if ids.ndim == 1:
             ids = ids[None]
@@ -240,10 +244,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         rope_deltas = None
         if position_ids is None:
             position_ids, rope_deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
-        keep = int(logits_to_keep) if logits_to_keep else 0
         hidden, _ = self.model.prompt_layers(embeds, Tensor(to_numpy(position_ids, np.int32)),
-                                             Tensor(causal_mask(mask, seq, seq)), keep_last=keep)
-        if 0 < keep < hidden.shape[1]:
-            hidden = hidden[:, -keep:]
+                                             Tensor(causal_mask(mask, seq, seq)), keep_last=int(logits_to_keep))
         logits = self.lm_head(hidden).astype(ms.float32)
         return Qwen2VLOutput(logits=logits, rope_deltas=rope_deltas)

@@ -110,6 +110,12 @@ def test_logits_to_keep(tiny_ours):
     np.testing.assert_allclose(last, full[:, -2:], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True, np.array([3, 4])])
+def test_logits_to_keep_must_be_a_count(tiny_ours, bad):
+    with pytest.raises(ValueError, match=r"logits_to_keep must be an int >= 0 .*got"):
+        tiny_ours(**case_inputs("text_only"), logits_to_keep=bad)
+
+
 @pytest.mark.parametrize("keep", [1, 3, 100])
 def test_logits_to_keep_runs_the_last_layer_on_those_positions_only(tiny_hf, tiny_ours, ms_mode, keep):
     """With logits_to_keep=n the last decoder layer attends, projects and runs its MLP for the last n positions
