@@ -12,6 +12,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
+from .cpu_tuning import on_launcher
 from .layers import Linear
 from .precision import PrecisionPolicy, resolve_policy
 from .modeling_text import Qwen2VLTextModel
@@ -154,7 +155,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
                                **kwargs)
 
     # The orchestration below runs numpy on the host, so it must not be compiled as a graph: calling the
-    # model goes straight to `forward`; its cells compile on their own in GRAPH_MODE.
+    # model goes straight to `forward`; its cells compile on their own in GRAPH_MODE. The entry points marked
+    # on_launcher run on the CPU launcher thread in graph mode (cpu_tuning).
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
@@ -165,6 +167,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
                               vision_start_token_id=c.vision_start_token_id,
                               spatial_merge_size=c.vision_config.spatial_merge_size)
 
+    @on_launcher
     def get_vision_features(self, pixel_values, grid_thw):
         """Merged vision features [sum(t*h*w)/4, hidden] for images or videos (or both concatenated)."""
         grid = to_numpy(grid_thw, np.int64).reshape(-1, 3)
@@ -219,12 +222,14 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         table = ops.cat((embeds.reshape(batch * seq, -1), features))
         return ops.gather(table, Tensor(index), 0).reshape(batch, seq, -1)
 
+    @on_launcher
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """Token ids with the prompt first, like HF's generate; see generation.generate for the options."""
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
+    @on_launcher
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep=0, **unused):
         """Logits [batch, seq, vocab] float32; `logits_to_keep=n` (n > 0) keeps only the last n positions, as
