@@ -82,10 +82,16 @@ _LAUNCHER = None
 _LAUNCHER_LOCK = threading.Lock()
 
 
+def launcher_in_use():
+    """Whether the model's entry points run on the launcher thread now (CPU backend, graph mode, Linux, not
+    turned off with MINDONE_QWEN2VL_CPU_LAUNCHER=0)."""
+    return (sys.platform == "linux" and os.environ.get(LAUNCHER_VARIABLE, "1") != "0"
+            and mindspore.get_context("device_target") == "CPU"
+            and mindspore.get_context("mode") == mindspore.GRAPH_MODE)
+
+
 def _launcher():
-    if sys.platform != "linux" or os.environ.get(LAUNCHER_VARIABLE, "1") == "0":
-        return None
-    if mindspore.get_context("device_target") != "CPU" or mindspore.get_context("mode") != mindspore.GRAPH_MODE:
+    if not launcher_in_use():
         return None
     global _LAUNCHER
     with _LAUNCHER_LOCK:

@@ -193,6 +193,10 @@ def run_worker(args):
         _decode(result, lambda clock: model.generate(**prompt, max_new_tokens=args.new_tokens,
                                                      min_new_tokens=args.new_tokens, do_sample=False,
                                                      streamer=clock), args.repeats)
+    if args.worker != "hf":
+        from mindone_qwen2vl.cpu_tuning import launcher_in_use
+
+        result["cpu_launcher"] = launcher_in_use()
     result["peak_rss_mb"] = _peak_rss_mb()
     result["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     with open(args.out, "w") as f:
@@ -261,6 +265,10 @@ def main(argv=None):
     print(table(results))
     print("ONEDNN_MAX_CPU_ISA: " + ", ".join(f"{r['runner']} {r.get('onednn_max_cpu_isa') or 'unset'}"
                                              for r in results))
+    ours = [r for r in results if "cpu_launcher" in r]
+    if ours:
+        print("CPU launcher thread: " + ", ".join(f"{r['runner']} {'on' if r['cpu_launcher'] else 'off'}"
+                                                  for r in ours))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)

@@ -32,8 +32,11 @@ def test_benchmark_reports_both_runners(tmp_path):
         assert "vision_1372x2044_s" not in r  # skipped as asked
         assert len(r["decode_ms_runs"]) == 1 and r["decode_ms_per_token"] == r["decode_ms_runs"][0]
     assert results["hf"]["onednn_max_cpu_isa"] == ""
+    assert "cpu_launcher" not in results["hf"]
     if ms.get_context("device_target") == "CPU":
         assert results["graph"]["onednn_max_cpu_isa"] == "AVX2"
+        assert results["graph"]["cpu_launcher"] is (sys.platform == "linux")
+        assert f"CPU launcher thread: graph {'on' if sys.platform == 'linux' else 'off'}" in proc.stdout
     # The printed table has a row per runner.
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| graph |") or line.startswith("| hf |")]
     assert len(rows) == 2, proc.stdout

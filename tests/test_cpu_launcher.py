@@ -50,13 +50,23 @@ out["launcher"] = cpu_tuning._LAUNCHER.thread.native_id
 out["ran_on"] = ran_on
 out["same_logits"] = bool(np.array_equal(logits["1"], logits["0"]))
 out["same_tokens"] = tokens["1"] == tokens["0"]
+# generate called from a thread of the user's (HF's TextIteratorStreamer pattern) goes to the launcher too
+user = {}
+def from_user_thread():
+    streamer = Threads()
+    user["tokens"] = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, streamer=streamer).tolist()
+    user["ran_on"] = sorted(streamer.ids)
+worker = threading.Thread(target=from_user_thread)
+worker.start()
+worker.join()
+out["user_thread"] = user["tokens"] == tokens["0"] and user["ran_on"] == ran_on["1"]
 try:
     model(ids, logits_to_keep=-1)
 except ValueError as error:
     out["error"] = str(error)
 out["threads"] = [[t, comm(t), nice(t)] for t in map(int, os.listdir("/proc/self/task"))]
 ms.set_context(mode=ms.PYNATIVE_MODE)
-out["pynative_launcher"] = cpu_tuning._launcher() is not None
+out["pynative_launcher"] = cpu_tuning.launcher_in_use()
 print("RESULT=" + json.dumps(out))
 """
 
@@ -73,6 +83,7 @@ def test_graph_mode_runs_on_a_low_priority_launcher_thread(tiny_hf):
     assert out["ran_on"] == {"1": [launcher], "0": [main]}
     assert launcher != main
     assert out["same_logits"] and out["same_tokens"]
+    assert out["user_thread"]
     # a bad argument raised on the launcher reaches the caller as itself
     assert "logits_to_keep must be an int >= 0" in out["error"]
     nice = {tid: value for tid, _, value in out["threads"]}
