@@ -1,10 +1,4 @@
 """Qwen2-VL for MindSpore (CPU and Ascend), numerically matched to Hugging Face transformers."""
-# First import: cpu_tuning imports mindspore, which must come before decord (the other order aborts the process:
-# "random_device could not be read").
-from .cpu_tuning import tune_cpu_matmuls
-
-tune_cpu_matmuls(1)
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -13,7 +7,6 @@ __all__ = [
     "Qwen2VLTextConfig",
     "Qwen2VLForConditionalGeneration",
     "Qwen2VLProcessor",
-    "tune_cpu_matmuls",
 ]
 
 _LAZY = {
@@ -26,7 +19,8 @@ _LAZY = {
 
 
 def __getattr__(name):
-    # Lazy so that `import mindone_qwen2vl.qwen_vl_utils` does not pull in the model or transformers.
+    # Lazy: importing the package has no effects on the process, and `import mindone_qwen2vl.qwen_vl_utils`
+    # does not pull in the model or transformers.
     if name in _LAZY:
         import importlib
 

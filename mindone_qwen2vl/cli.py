@@ -480,11 +480,10 @@ def run(settings: Settings, say):
 def _run_pipeline(settings, folder, main_rank, say, t):
     import mindspore as ms
 
-    from . import tune_cpu_matmuls
     from .precision import resolve_policy
     from .processing import Qwen2VLProcessor
 
-    isa = tune_cpu_matmuls(len(settings.requests))  # before any model computation (see the package's __init__)
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")  # the user's oneDNN cap
     policy = resolve_policy(settings.dtype, settings.attn_implementation, settings.conv_dtype)
     say(_settings_line(settings, policy, folder, isa))
     processor = Qwen2VLProcessor.from_pretrained(folder)

@@ -1,24 +1,18 @@
-"""generate(): prefill, a decode step that compiles once per (batch, bucket), HF's logits processing and
-sampling, left-padded batches, streaming.
+"""generate(): the prompt through the shared prompt steps, a decode step compiled per (batch, cache length)
+bucket, HF's logits processing and sampling, left-padded batches, streaming.
 
 One call:
   host    options (arguments > the checkpoint's generation_config.json > HF's defaults), rope index and
-          rope_deltas, the key mask over the cache bucket, the prompt embedding (the vision tower runs here, once)
-  device  `Prefill`: the whole prompt through the decoder's shared layer step (one layer's workspace at a
-          time), its keys/values then written to the cache at positions 0..S-1; logits of the last position.
-          In GRAPH_MODE the prompt is first left-padded (masked) to a multiple of PROMPT_BUCKET so that prompts
-          of nearby lengths reuse one compiled prefill.
+          rope_deltas, the key mask over the cache, the prompt embedding (the vision tower runs here, once)
+  device  the prompt through the decoder's shared steps (modeling_text.Qwen2VLTextModel.prompt, dynamic shapes:
+          compiled once for any prompt), its keys/values written to the cache (cache.WritePrompt), the last
+          position's logits (the model's head)
   loop    host: next tokens from the logits (`TokenChooser`), pad for finished rows, streamer, eos
-          device `DecodeOneToken`: one token per row written at position S+t; its position ids (t + S +
-          rope_deltas) and its attention mask are computed in the graph, so its inputs keep their shapes and
-          the graph is compiled once for the whole generation (and reused by later calls of the same shape).
+          device `DecodeOneToken`: one token per row written at the row's position; its rotary positions and
+          attention mask are computed in the graph from per-row positions, so its inputs keep their shapes and
+          it is compiled once per (batch rows, cache length) bucket for the life of the model (`Runners`).
 Per-token host work has a fixed size ([batch, vocab] logits, [batch] ids): nothing grows with the sequence.
-Everything a generation needs (cache positions, rope_deltas, the mask) is built from this call's inputs;
-the compiled steps and their cache memory are kept on the model for reuse, holding no state of a call.
 """
-import json
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -27,17 +21,31 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from tqdm.auto import tqdm
 
-from .cache import StaticCache, WritePrompt, bucket_length
-from .layers import split
+from .cache import StaticCache
+from .inputs import to_numpy
 
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
                    max_new_tokens=None, min_new_tokens=0)
-CACHE_BUCKET = 128  # cache lengths are multiples of this, so nearby prompt lengths share a decode graph
-# In GRAPH_MODE prompts are left-padded (masked) to a multiple of this, so that prompts of nearby lengths share
-# a prefill graph too: a 28-layer graph takes 10-30 s to compile, padding a few masked tokens takes nothing.
-PROMPT_BUCKET = 64
-MAX_RUNNERS = 2  # compiled (batch, bucket) shapes kept per model, each with its KV cache memory
+# Decode steps are compiled per (batch rows, cache length) bucket, both powers of two: a generation of L
+# positions attends over at most 2L cache positions, and a workload touches a few buckets (each compiled once,
+# 6-7 s for 28 layers on the development CPU). On the CPU backend attention over the cache costs in proportion
+# to its length (2b-slice decode: 70 ms/token over 256 positions, 77 over 4096), so buckets stay tight.
+MIN_CACHE_LENGTH = 256
+
+
+def _power_of_two(n, minimum=1):
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+def cache_length(needed):
+    """Cache positions for a generation that needs `needed` of them."""
+    return _power_of_two(needed, MIN_CACHE_LENGTH)
+
+
+def batch_rows(batch):
+    """Rows of the decode step for `batch` sequences (the rest are idle)."""
+    return _power_of_two(batch)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -52,22 +60,6 @@ class GenerationOptions:
     repetition_penalty: float
     eos_token_id: Tuple[int, ...]
     pad_token_id: Optional[int]
-
-
-def checkpoint_generation_config(model) -> dict:
-    """The generation_config.json of the folder the model was loaded from ({} when there is none)."""
-    folder = getattr(model, "name_or_path", None)
-    path = os.path.join(folder, "generation_config.json") if folder else None
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable generation config ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
 
 
 def _as_int(value, name, minimum, what):
@@ -94,7 +86,7 @@ def _id_list(value, name):
 
 def resolve_options(model, prompt_length, **given) -> GenerationOptions:
     """Options of one call: the arguments, else the checkpoint's generation_config.json, else HF's defaults."""
-    saved = checkpoint_generation_config(model)
+    saved = model.generation_config
 
     def pick(name):
         if given.get(name) is not None:
@@ -232,58 +224,10 @@ class TokenChooser:
 
 
 # ---------------------------------------------------------------------------------------------- device steps
-
-
-
-class LastLogits(nn.Cell):
-    """Float32 logits [B, V] of the last position of hidden states [B, S, hidden]."""
-
-    def __init__(self, lm_head):
-        super().__init__(auto_prefix=False)
-        self.lm_head = lm_head
-
-    def construct(self, hidden):
-        b, s, _ = hidden.shape
-        if s > 1:
-            hidden = split(hidden, (s - 1, 1), 1)[1]
-        return self.lm_head(hidden).astype(ms.float32).reshape(b, -1)
-
-
-class Prefill:
-    """The prompt: its keys/values written at cache_position [S] (0..S-1) -> the last position's logits [B, V].
-
-    Not one graph: the prompt runs through the decoder's shared layer step (Qwen2VLTextModel.prompt_layers,
-    attending over its own keys under the causal and padding mask), then one graph writes every layer's
-    keys and values to the cache. Attending over the prompt's keys or over the cache bucket with the rows
-    after the prompt masked gives the same result (masked keys weigh exactly 0); the first holds one layer's
-    workspace instead of every layer's.
-    """
-
-    def __init__(self, model, cache: StaticCache):
-        self.text = model.model
-        self.cache = cache
-        self.write = WritePrompt(cache)
-        self.logits = LastLogits(model.lm_head)
-
-    def __call__(self, inputs_embeds, position_ids, cache_position, prompt_mask):
-        """prompt_mask [B, S]: 1 for tokens, 0 for (left) padding."""
-        from .modeling_qwen2_vl import causal_mask
-
-        s = prompt_mask.shape[1]
-        mask = Tensor(causal_mask(prompt_mask, s, s))
-        hidden, kv = self.text.prompt_layers(inputs_embeds, position_ids, mask, keep_kv=True, keep_last=1)
-        self.write(cache_position, *kv)
-        return self.logits(hidden)
-
-    def compiled(self):
-        """Prompt shapes compiled for this cache (GRAPH_MODE; 0 in pynative)."""
-        return len(self.write.compile_cache)
-
-
 class DecodeOneToken(nn.Cell):
-    """One token per row at cache_position [1] -> logits [B, V]. Its inputs have the same shapes at every
-    step, so GRAPH_MODE compiles it once per (batch, bucket): the whole decoder and lm_head in one graph
-    (a decode step's workspace is small; its cost is the kernels it launches)."""
+    """One token per row, each at its own cache position [B] -> float32 logits [B, V]. Its inputs have the same
+    shapes at every step, so GRAPH_MODE compiles it once per (batch rows, cache length): the whole decoder and
+    lm_head in one graph (a decode step's workspace is small; its cost is the kernels it launches)."""
 
     def __init__(self, model, cache: StaticCache):
         super().__init__(auto_prefix=False)
@@ -292,52 +236,59 @@ class DecodeOneToken(nn.Cell):
         # `overhead` shape. The graph resolves these attributes all the same.
         object.__setattr__(self, "text", model.model)
         object.__setattr__(self, "cache", cache)
-        object.__setattr__(self, "last_logits", LastLogits(model.lm_head))
+        object.__setattr__(self, "lm_head", model.lm_head)
 
-    def construct(self, input_ids, cache_position, rope_deltas, key_mask):
+    def construct(self, input_ids, cache_position, rope_position):
+        """input_ids [B] (each row's last token), cache_position [B] (where it goes in the row's cache),
+        rope_position [B] (its rotary position: cache_position + the row's rope delta)."""
         b = input_ids.shape[0]
-        embeds = self.text.embed_tokens(input_ids)
-        # The three M-RoPE axes advance together after the prompt: position = index + rope_deltas.
-        position_ids = ops.broadcast_to((rope_deltas + cache_position).reshape(1, b, 1), (3, b, 1))
-        mask = self.cache.attention_mask(key_mask, cache_position)
-        hidden = self.text(embeds, position_ids, mask, self.cache.layers, self.cache.rows(cache_position))
-        return self.last_logits(hidden)
+        # The three M-RoPE axes advance together after the prompt.
+        position_ids = ops.broadcast_to(rope_position.reshape(1, b, 1), (3, b, 1))
+        hidden = self.text(self.text.embed_tokens(input_ids), position_ids, self.cache.attention_mask(cache_position),
+                           self.cache.layers, self.cache.rows(cache_position))
+        return self.lm_head(hidden).astype(ms.float32)
+
+    def compiled(self):
+        return len(self.compile_cache)
 
 
-class _Runner:
-    def __init__(self, model, batch, bucket):
-        self.cache = StaticCache(model.config.text_config, batch, bucket, model.policy.compute_dtype,
+class Runner:
+    """A KV cache of `rows` x `length` and the decode step over it."""
+
+    def __init__(self, model, rows, length):
+        self.rows, self.length = rows, length
+        self.cache = StaticCache(model.config.text_config, rows, length, model.policy.compute_dtype,
                                  kv_heads=model.model.layers[0].self_attn.num_kv_heads)
-        self.prefill = Prefill(model, self.cache)
         self.decode = DecodeOneToken(model, self.cache)
 
 
-def _runner(model, batch, bucket) -> _Runner:
-    runners = getattr(model, "_generation_runners", None)
-    if runners is None:
-        runners = OrderedDict()
-        model._generation_runners = runners
-    key = (batch, bucket)
-    if key in runners:
-        runners.move_to_end(key)
-        return runners[key]
-    while len(runners) >= MAX_RUNNERS:
-        runners.popitem(last=False)
-    runners[key] = _Runner(model, batch, bucket)
-    return runners[key]
+class Runners:
+    """The model's decode steps and caches by (batch rows, cache length) bucket, kept for the model's life:
+    a workload compiles each bucket it touches once, and memory stops growing once they exist."""
 
+    def __init__(self, model):
+        self.model = model
+        self.by_shape = {}
 
-def compiled_graphs(model):
-    """{(batch, bucket): {"prefill": n, "decode": n}}: graphs compiled so far per generation shape (GRAPH_MODE;
-    0 in pynative). The decode step must stay at 1 per shape however many tokens are generated."""
-    return {key: {"prefill": r.prefill.compiled(), "decode": len(r.decode.compile_cache)}
-            for key, r in getattr(model, "_generation_runners", {}).items()}
+    def get(self, batch, needed) -> Runner:
+        key = (batch_rows(batch), cache_length(needed))
+        if key not in self.by_shape:
+            self.by_shape[key] = Runner(self.model, *key)
+        return self.by_shape[key]
+
+    def graphs(self):
+        steps = {}
+        for (rows, length), runner in sorted(self.by_shape.items()):
+            steps[f"decode.{rows}x{length}"] = runner.decode
+            steps[f"write.{rows}x{length}"] = runner.cache.write_prompt
+        return steps
+
+    def nbytes(self):
+        return sum(r.cache.nbytes() for r in self.by_shape.values())
 
 
 # ---------------------------------------------------------------------------------------------- generate
-def _prompt(model, input_ids, attention_mask):
-    from .modeling_qwen2_vl import to_numpy
-
+def _prompt(input_ids, attention_mask):
     if input_ids is None:
         raise ValueError("generate needs input_ids (the processor's output: model.generate(**inputs))")
     ids = to_numpy(input_ids)
@@ -359,15 +310,6 @@ def _prompt(model, input_ids, attention_mask):
         raise ValueError(f"rows {rows} of the batch end in padding: generation needs left padding "
                          "(processor/tokenizer padding_side='left')")
     return ids, mask
-
-
-def _left_pad(ids, mask, multiple, pad_id):
-    extra = -ids.shape[1] % multiple
-    if not extra:
-        return ids, mask
-    batch = ids.shape[0]
-    return (np.concatenate([np.full((batch, extra), pad_id, ids.dtype), ids], 1),
-            np.concatenate([np.zeros((batch, extra), mask.dtype), mask], 1))
 
 
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -393,7 +335,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
     if not use_cache:
         raise ValueError("use_cache=False is not supported: generation always uses the static KV cache")
-    ids, mask = _prompt(model, input_ids, attention_mask)
+    ids, mask = _prompt(input_ids, attention_mask)
     batch, seq = ids.shape
     if not mask.any(-1).all():
         raise ValueError(f"rows {np.nonzero(~mask.any(-1))[0].tolist()} of attention_mask are all padding")
@@ -402,23 +344,19 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                               top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
 
-    # What runs: the prompt, left-padded in graph mode (the caller still gets back its own prompt).
-    run_ids, run_mask = ids, mask
-    if ms.get_context("mode") == ms.GRAPH_MODE:
-        run_ids, run_mask = _left_pad(ids, mask, PROMPT_BUCKET, options.pad_token_id or 0)
-    run_seq = run_ids.shape[1]
-    embeds = model.embed(run_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    position_ids, rope_deltas = model.get_rope_index(run_ids, image_grid_thw, video_grid_thw, run_mask)
-    runner = _runner(model, batch, bucket_length(run_seq + options.max_new_tokens, CACHE_BUCKET))
-    key_mask = np.ones((batch, runner.cache.max_len), np.int32)  # generated positions are all real tokens
-    key_mask[:, :run_seq] = run_mask
-    key_mask = Tensor(key_mask)
-    rope_deltas = Tensor(rope_deltas.astype(np.int32))
+    embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
+    lengths = mask.sum(-1)
+    runner = model.runners.get(batch, int(lengths.max()) + options.max_new_tokens)
+    # Each row's sequence starts at position 0 of its cache row, its padding left out; the rope delta moves
+    # from the padded index to that position. Rows past the batch are idle: a pad token at position 0.
+    deltas = np.zeros(runner.rows, np.int64)
+    deltas[:batch] = rope_deltas[:, 0] + seq - lengths
 
     rng = None
     if options.do_sample:
         seed = int(ops.randint(0, 2 ** 31 - 1, (1,), dtype=ms.int64).asnumpy()[0])
-        if getattr(model, "tensor_parallel", None):
+        if model.tensor_parallel:
             from .parallel import same_on_all_ranks
 
             seed = same_on_all_ranks(seed)  # every rank must draw the same tokens
@@ -432,10 +370,15 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     try:
         if streamer is not None:
             streamer.put(ids.copy())
-        logits = runner.prefill(embeds, Tensor(position_ids.astype(np.int32)),
-                                Tensor(np.arange(run_seq, dtype=np.int32)), run_mask)
+        last = []
+        for row, hidden, kv in model.prompt_rows(embeds, position_ids, mask, keep_last=1, keep_kv=True):
+            runner.cache.write_prompt(Tensor(runner.cache.prompt_rows(row, int(lengths[row]))), *kv)
+            last.append(hidden)
+        logits = model.head(ops.cat(last, 0))
+        tokens_in = np.zeros(runner.rows, np.int32)
+        position = np.zeros(runner.rows, np.int64)
         for step in range(options.max_new_tokens):
-            tokens = chooser(logits.asnumpy(), step)
+            tokens = chooser(logits.asnumpy()[:batch], step)
             if eos.size and options.pad_token_id is not None:
                 tokens = np.where(unfinished, tokens, options.pad_token_id)
             new[:, step] = tokens
@@ -448,8 +391,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 unfinished &= ~np.isin(tokens, eos)
             if not unfinished.any() or step + 1 == options.max_new_tokens:
                 break
-            logits = runner.decode(Tensor(tokens.astype(np.int32).reshape(batch, 1)),
-                                   Tensor(np.array([run_seq + step], np.int32)), rope_deltas, key_mask)
+            tokens_in[:batch] = tokens
+            position[:batch] = lengths + step
+            logits = runner.decode(Tensor(tokens_in), Tensor(position.astype(np.int32)),
+                                   Tensor((position + deltas).astype(np.int32)))
     finally:
         bar.close()
         if streamer is not None:

@@ -1,14 +1,18 @@
-"""Small cells shared by the vision tower and the decoder, with Hugging Face parameter names.
+"""Small cells shared by the vision tower and the decoder, with Hugging Face parameter names and shapes.
 
-MindSpore's own `nn.LayerNorm` / `nn.Embedding` name their parameters `gamma`/`beta` and
-`embedding_table`, and `mint.nn.LayerNorm` / `mint.nn.Embedding` have no CPU kernels. These cells keep
-HF's `weight`/`bias` so checkpoints load by name, and use only primitives that exist on CPU and Ascend.
+MindSpore's own `nn.LayerNorm` / `nn.Embedding` name their parameters `gamma`/`beta` and `embedding_table`,
+and `mint.nn.LayerNorm` / `mint.nn.Embedding` have no CPU kernels. These cells keep HF's `weight`/`bias` so
+checkpoints load by name, and use only primitives that exist on CPU and Ascend.
+
+Cells that hold weights take them as optional arguments: called plainly they use their own Parameters; a
+step compiled once for every layer (modeling_text.DecoderLayerStep, modeling_vision.VisionBlockStep) passes
+each layer's tensors instead. The math is the same code either way.
 """
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from .kernels import PortableKernels
 from .precision import NORM_DTYPE
 
 
@@ -18,12 +22,12 @@ def new_param(shape, dtype, init="zeros"):
 
 
 def as_arguments(params):
-    """Parameters as graph arguments for a step shared by several layers (DecoderLayerStep, VisionBlockStep).
+    """Parameters as graph arguments for a step shared by several layers.
 
     `Tensor(p)` shares the parameter's memory. A Parameter passed as it is compiles one graph per parameter,
     and `Parameter.value()` copies it on every call (87 ms for the 2B model's 933 MB embedding table).
     """
-    return tuple(Tensor(p) for p in params)
+    return tuple(None if p is None else Tensor(p) for p in params)
 
 
 class Linear(nn.Cell):
@@ -38,18 +42,24 @@ class Linear(nn.Cell):
         self.bias = new_param((out_features,), dtype) if bias else None
         # transpose_b keeps the weight in place: an explicit W.T is materialised on every call on CPU.
         self.matmul = ops.MatMul(transpose_b=True)
+        # BiasAdd, not `+`: in a dynamic-shape graph on the CPU backend a broadcasting add of [279, 1536] and
+        # [1536] took 3.0 ms against 0.6 ms for BiasAdd.
+        self.bias_add = ops.BiasAdd()
 
-    def construct(self, x):
-        return self.compute(x, self.weight, self.bias)
+    def construct(self, x, weight=None, bias=None):
+        """x [T, in] -> [T, out]. With `weight` given, `bias` is the given one too (None: no bias).
 
-    def compute(self, x, weight, bias=None):
-        """The product with the given weight and bias: `construct` passes its own, a shared layer step
-        (modeling_text.DecoderLayerStep) passes each layer's in turn."""
-        shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]).astype(weight.dtype), weight)
+        Inputs are 2-D by design: in a dynamic-shape graph, a reshape that depends on an input's dimensions
+        costs host-side shape arithmetic at every call."""
+        if weight is None:
+            weight, bias = self.weight, self.bias
+        y = self.product(x.astype(weight.dtype), weight)
         if bias is not None:
-            y = y + bias
-        return y.reshape(shape[:-1] + (self.out_features,))
+            y = self.bias_add(y, bias)
+        return y
+
+    def product(self, x, weight):
+        return self.matmul(x, weight)
 
 
 class PackedLinear(Linear):
@@ -87,39 +97,23 @@ class LayerNorm(nn.Cell):
         self.bias = new_param((dim,), NORM_DTYPE, "zeros")
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
-    def construct(self, x):
-        y = self.norm(x.astype(NORM_DTYPE), self.weight, self.bias)[0]
-        return y.astype(x.dtype)
+    def construct(self, x, weight=None, bias=None):
+        if weight is None:
+            weight, bias = self.weight, self.bias
+        return self.norm(x.astype(NORM_DTYPE), weight, bias)[0].astype(x.dtype)
 
 
 class RMSNorm(nn.Cell):
-    """Qwen2's RMSNorm, x / sqrt(mean(x^2) + eps) * weight, in float32.
+    """Qwen2's RMSNorm, x / sqrt(mean(x^2) + eps) * weight, in float32 (kernels.rms_norm)."""
 
-    Computed as LayerNorm over the row [x, -x]: its mean is 0 and its variance mean(x^2), so the first half of
-    LayerNorm's (v - mean) / sqrt(var + eps) * gamma is RMSNorm. That is four kernels (negation, concat, layer
-    norm, slice) where the formula takes six, and a decode step on the CPU backend pays ~10 us per kernel;
-    on Ascend the same single LayerNorm kernel replaces the chain too. gamma is [weight, weight]: the
-    parameter holds the checkpoint's weight twice (loading.parameter_pieces reads it into both halves).
-    """
-
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim, eps=1e-6, kernels=PortableKernels):
         super().__init__()
-        self.dim = dim
-        self.weight = new_param((2 * dim,), NORM_DTYPE, "ones")
-        self.beta = Tensor(np.zeros(2 * dim, np.float32), NORM_DTYPE)
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.eps = eps
+        self.kernels = kernels
+        self.weight = new_param((dim,), NORM_DTYPE, "ones")
 
-    def checkpoint_pieces(self):
-        name, whole = self.weight.name, (self.dim,)
-        return {name: [(name, 0, 0, self.dim, whole), (name, 0, 0, self.dim, whole)]}
-
-    def construct(self, x):
-        return self.compute(x, self.weight)
-
-    def compute(self, x, weight):
-        h = x.astype(NORM_DTYPE)
-        y = self.norm(ops.cat((h, -h), -1), weight, self.beta)[0]
-        return split(y, (self.dim, self.dim), -1)[0].astype(x.dtype)
+    def construct(self, x, weight=None):
+        return self.kernels.rms_norm(x, self.weight if weight is None else weight, self.eps)
 
 
 class Embedding(nn.Cell):
@@ -129,29 +123,3 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
-
-
-_slice = ops.Slice()
-
-
-def split(x, sizes, axis):
-    """x cut into consecutive pieces of `sizes` along `axis`, with the Slice primitive: on the CPU backend
-    `ops.split` and `x[a:b]` lower to StridedSlice, measured at ~45 us a kernel against ~4 us for Slice."""
-    axis = axis % x.ndim
-    parts, start = [], 0
-    for size in sizes:
-        begin = tuple(start if i == axis else 0 for i in range(x.ndim))
-        extent = tuple(size if i == axis else x.shape[i] for i in range(x.ndim))
-        parts.append(_slice(x, begin, extent))
-        start += size
-    return parts
-
-
-def rotate_half_matrix(dim):
-    """[dim, dim] R with x @ R == concat(-x2, x1) for x = concat(x1, x2), rotary's "rotate half": one matmul
-    instead of two slices, a negation and a concat. Exact: every output is one input times +-1 plus zeros."""
-    half = dim // 2
-    r = np.zeros((dim, dim), np.float32)
-    r[np.arange(half) + half, np.arange(half)] = -1.0
-    r[np.arange(half), np.arange(half) + half] = 1.0
-    return r

@@ -514,4 +514,20 @@ def load_pretrained(cls, path_or_hub_id, policy=None, progress=True, tensor_para
     load_weights(model, folder, progress=progress)
     model.set_train(False)
     model.name_or_path = folder
+    model.generation_config = read_generation_config(folder)
     return model
+
+
+def read_generation_config(folder) -> dict:
+    """The folder's generation_config.json ({} when there is none), read once when the model loads."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable generation config ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config

@@ -1,31 +1,38 @@
-"""Qwen2 decoder with multimodal rotary embedding (M-RoPE): `model.*` of the HF checkpoint."""
+"""Qwen2 decoder with multimodal rotary embedding (M-RoPE): `model.*` of the HF checkpoint.
+
+A decoder layer is written once, in two halves that take its weights as a bundle (DecoderLayerWeights):
+`project` (norm, q/k/v projection, rotary) and `attend` (attention over the given keys, output projection,
+MLP). Two loops run the layers:
+- a prompt (`Qwen2VLTextModel.prompt`) loops on the host over two steps shared by every layer and compiled
+  once for any batch and length (graphs.Step); the host splits long prompts' queries into blocks;
+- a decode step (`Qwen2VLTextModel.construct`, compiled whole by generation.DecodeOneToken) loops in the
+  graph, each layer with its own parameters, writing its keys and values to the cache.
+"""
+from typing import NamedTuple
+
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import decoder_attention
+from .attention import MASK_MIN, decode_attention, flash_kernel, prompt_attention, query_blocks
 from .config import Qwen2VLTextConfig
-from .layers import Embedding, Linear, PackedLinear, RMSNorm, as_arguments, rotate_half_matrix, split
+from .graphs import Step, dynamic, like
+from .kernels import kernels_for, rotate_half_matrix, split
+from .layers import Embedding, Linear, PackedLinear, RMSNorm, as_arguments
 from .precision import PrecisionPolicy
 
 
-# Above this many bytes of per-token rotation matrices (Qwen2VLRotaryEmbedding), rotate with tables instead:
-# a decode step of the 2B model at batch 1 needs 1 MB, read once per layer.
-ROTATION_MATRIX_BYTES = 4 * 2 ** 20
-
-
 class Qwen2VLRotaryEmbedding(nn.Cell):
-    """Rotary embedding from 3-axis positions [3, B, S] for every head of the packed q/k/v projection: tables
-    (cos, sin) [B*S, heads + 2 * kv heads, head_dim], or for a few tokens (rotation matrix,) of
-    [B*S, heads + 2 * kv heads, head_dim, head_dim].
+    """Rotary tables (cos, sin) [B*S, heads + 2 * kv heads, head_dim] from 3-axis positions [3, B, S], one row per
+    head of the packed q/k/v projection.
 
     M-RoPE gives the frequencies in `mrope_section` to the temporal, height and width positions in turn
     (e.g. 16/24/24 of the 64 frequencies of the 2B model). Selecting each frequency's position first and then
     multiplying equals taking the per-axis tables and slicing them, with a third of the work.
 
-    The per-head rows let each layer rotate q and k and pass v in one pass over its qkv output: query rows
-    carry the attention scale (applied once per step here rather than to every layer's scores), key rows are
-    the plain tables, value rows are cos 1 and sin 0 (x * 1 + y * 0 == x exactly).
+    The per-head rows let a layer rotate q and k and pass v in one pass over its qkv output: query rows carry
+    the attention scale (applied once per step here rather than to every layer's scores), key rows are the
+    plain tables, value rows are cos 1 and sin 0 (x * 1 + y * 0 == x exactly).
     """
 
     def __init__(self, config: Qwen2VLTextConfig):
@@ -36,8 +43,6 @@ class Qwen2VLRotaryEmbedding(nn.Cell):
         axis = np.repeat(np.arange(3), config.mrope_section)
         self.head_dim = dim
         self.inv_freq = Tensor(inv_freq)
-        self.eye = Tensor(np.eye(dim, dtype=np.float32))
-        self.rotate_half = Tensor(rotate_half_matrix(dim))
         self.axis_onehot = Tensor((np.arange(3)[:, None] == axis[None, :]).astype(np.float32)[:, None, None, :])
         self.set_heads(config.num_attention_heads, config.num_key_value_heads)
 
@@ -54,28 +59,20 @@ class Qwen2VLRotaryEmbedding(nn.Cell):
         # Exactly one of the three terms is non-zero for each frequency, so the sum is exact.
         freqs = (pos * self.axis_onehot).sum(0) * self.inv_freq  # [B, S, dim/2]
         emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, self.head_dim)
-        cos, sin = ops.cos(emb) * self.factor + self.value_cos, ops.sin(emb) * self.factor
-        if cos.shape[0] * cos.shape[1] * self.head_dim * self.head_dim * 4 > ROTATION_MATRIX_BYTES:
-            return cos, sin
-        # Few tokens (a decode step): one [D, D] matrix per token and head, so that each layer rotates with one
-        # batched matmul instead of four kernels. x @ M == x * cos + rotate_half(x) * sin, M = diag(cos) + R sin.
-        return (self.eye * cos.expand_dims(2) + self.rotate_half * sin.expand_dims(2),)
+        return ops.cos(emb) * self.factor + self.value_cos, ops.sin(emb) * self.factor
 
 
-class Qwen2MLP(nn.Cell):
-    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32):
-        super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = PackedLinear(config.hidden_size, [("gate_proj", (0, inter), inter),
-                                                              ("up_proj", (0, inter), inter)], bias=False, dtype=dtype)
-        self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype)
+class DecoderLayerWeights(NamedTuple):
+    """A layer's tensors by name. In graphs they travel as a plain tuple in this order: MindSpore's graph mode
+    treats a NamedTuple as an opaque Python object, so the code unpacks by position."""
 
-    def construct(self, x):
-        return self.compute(x, self.gate_up_proj.weight, self.down_proj.weight)
-
-    def compute(self, x, gate_up_weight, down_weight):
-        gate, up = split(self.gate_up_proj.compute(x, gate_up_weight), self.gate_up_proj.sizes, -1)
-        return self.down_proj.compute(ops.silu(gate) * up, down_weight)
+    input_norm: Tensor
+    qkv_weight: Tensor
+    qkv_bias: Tensor
+    o_weight: Tensor
+    post_norm: Tensor
+    gate_up_weight: Tensor
+    down_weight: Tensor
 
 
 def qkv_parts(heads, kv_heads, head_dim, q_span=None, kv_span=None):
@@ -85,168 +82,229 @@ def qkv_parts(heads, kv_heads, head_dim, q_span=None, kv_span=None):
     return [("q_proj", q_span, q_whole), ("k_proj", kv_span, kv_whole), ("v_proj", kv_span, kv_whole)]
 
 
+class Qwen2MLP(nn.Cell):
+    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32, kernels=None):
+        super().__init__()
+        inter = config.intermediate_size
+        self.kernels = kernels
+        self.gate_up_proj = PackedLinear(config.hidden_size, [("gate_proj", (0, inter), inter),
+                                                              ("up_proj", (0, inter), inter)], bias=False, dtype=dtype)
+        self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype)
+
+    def construct(self, x, gate_up_weight, down_weight):
+        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x, gate_up_weight, None)), down_weight, None)
+
+
 class Qwen2VLAttention(nn.Cell):
+    """The q/k/v and output projections (HF names; q/k/v packed) and the head layout."""
+
     def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.attn_implementation = policy.attn_implementation
-        self.flash_dtype = policy.flash_dtype
         dtype = policy.compute_dtype
         h = config.hidden_size
         self.qkv_proj = PackedLinear(h, qkv_parts(self.num_heads, self.num_kv_heads, self.head_dim), bias=True,
                                      dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype)
-        self.rotate_half = Tensor(rotate_half_matrix(self.head_dim))
-        self.matmul = ops.MatMul()
-        self.bmm = ops.BatchMatMul()
-
-    def construct(self, x, rope, mask, cache=None, cache_rows=None):
-        """x [B*S, hidden]; rope: (cos, sin) or (rotation matrices,) of Qwen2VLRotaryEmbedding; mask additive
-        [B, 1, S, L]. cache: None (L = S), or a cache.LayerKVCache that stores this call's keys/values at
-        cache_rows (cache.StaticCache.rows) and returns the whole cache to attend over (L = its length)."""
-        rope_b = rope[1] if len(rope) == 2 else None
-        return self.compute(x, rope[0], rope_b, mask, cache, cache_rows, self.qkv_proj.weight, self.qkv_proj.bias,
-                            self.o_proj.weight)[0]
-
-    def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, qkv_weight, qkv_bias, o_weight, keep=None):
-        """`construct` with the weights as arguments and rope as (cos, sin) or (matrices, None); returns
-        (output [B*S, hidden], this call's keys and values [B, S, KVH, D]). keep: only the last `keep` query
-        positions attend (output [B*keep, hidden]); keys and values are still every position's."""
-        b, s = mask.shape[0], mask.shape[2]
-        heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        # Rotary in float32 whatever the compute dtype (the angles lose bits in fp16), q, k and v in one pass.
-        qkv = self.qkv_proj.compute(x, qkv_weight, qkv_bias).astype(ms.float32)
-        n = heads + 2 * kv
-        if rope_b is None:
-            qkv = self.bmm(qkv.reshape(-1, n, 1, d), rope_a).reshape(-1, n, d)
-        else:
-            rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, n, d)
-            qkv = qkv.reshape(-1, n, d) * rope_a + rotated * rope_b
-        q, k, v = split(qkv.astype(x.dtype), (heads, kv, kv), 1)
-        k, v = k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
-        if cache is not None:
-            keys, values = cache.update(k, v, cache_rows)
-        else:
-            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        q = q.reshape(b, s, heads, d)
-        if keep is not None:
-            q, mask = last_positions(q, keep, 1), last_positions(mask, keep, 2)
-        out = decoder_attention(q, keys, values, mask, self.attn_implementation, self.flash_dtype)
-        return self.o_proj.compute(out, o_weight), k, v
 
 
 class Qwen2VLDecoderLayer(nn.Cell):
     def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
+        kernels = kernels_for(policy)
+        self.attn_implementation = policy.attn_implementation
+        self.flash_dtype = policy.flash_dtype
+        self.flash_kernel = flash_kernel(policy)
         self.self_attn = Qwen2VLAttention(config, policy)
-        self.mlp = Qwen2MLP(config, policy.compute_dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def construct(self, x, rope, mask, cache=None, cache_rows=None):
-        rope_b = rope[1] if len(rope) == 2 else None
-        return self.compute(x, rope[0], rope_b, mask, cache, cache_rows, *self.parameters_in_order())[0]
-
-    def parameters_in_order(self):
-        return (self.input_layernorm.weight, self.self_attn.qkv_proj.weight, self.self_attn.qkv_proj.bias,
-                self.self_attn.o_proj.weight, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
-                self.mlp.down_proj.weight)
+        self.mlp = Qwen2MLP(config, policy.compute_dtype, kernels)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, kernels=kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, kernels=kernels)
+        self.rotate_half = Tensor(rotate_half_matrix(config.head_dim))
+        self.matmul = ops.MatMul()
 
     def weights(self):
-        """The layer's tensors in `compute`'s argument order, as values (plain tensors, not Parameters): what
-        DecoderLayerStep takes, so that one compiled graph serves every layer."""
-        return as_arguments(self.parameters_in_order())
+        """The layer's Parameters in DecoderLayerWeights' order, as a plain tuple (in a graph a NamedTuple is
+        an opaque object)."""
+        return (self.input_layernorm.weight, self.self_attn.qkv_proj.weight,
+                self.self_attn.qkv_proj.bias, self.self_attn.o_proj.weight,
+                self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
+                self.mlp.down_proj.weight)
 
-    def compute(self, x, rope_a, rope_b, mask, cache, cache_rows, input_norm, qkv_weight, qkv_bias, o_weight,
-                post_norm, gate_up_weight, down_weight, keep=None):
-        """The layer with its weights as arguments -> (x [B*S, hidden], keys and values [B, S, KVH, D]).
-        keep: the output holds only the last `keep` positions, [B*keep, hidden] (the last layer of a prompt
-        whose logits are wanted there only); keys and values are every position's, for the cache."""
-        attn, k, v = self.self_attn.compute(self.input_layernorm.compute(x, input_norm), rope_a, rope_b, mask, cache,
-                                            cache_rows, qkv_weight, qkv_bias, o_weight, keep)
-        if keep is not None:
-            b, s = mask.shape[0], mask.shape[2]
-            x = last_positions(x.reshape(b, s, -1), keep, 1).reshape(b * keep, -1)
-        x = x + attn
-        return x + self.mlp.compute(self.post_attention_layernorm.compute(x, post_norm), gate_up_weight,
-                                    down_weight), k, v
+    def project(self, x, cos, sin, w):
+        """x [T, hidden] -> heads first q [H, T, D] (rotated, scaled), k, v [KVH, T, D] (k rotated); rotary in
+        float32 whatever the compute dtype (the angles lose bits in fp16). w: DecoderLayerWeights (or a tuple)."""
+        input_norm, qkv_weight, qkv_bias = w[:3]
+        attn = self.self_attn
+        heads, kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qkv = attn.qkv_proj(self.input_layernorm(x, input_norm), qkv_weight, qkv_bias).astype(ms.float32)
+        n = heads + 2 * kv
+        rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, n, d)
+        qkv = (qkv.reshape(-1, n, d) * cos + rotated * sin).astype(x.dtype).transpose(1, 0, 2)
+        q, k, v = split(qkv, (heads, kv, kv), 0, 3)
+        return q, k, v
+
+    def finish(self, x, attn_out, w):
+        """The rest of the layer: x [T, hidden] and its attention output [T, H * D] -> [T, hidden].
+        w: DecoderLayerWeights (or a tuple)."""
+        o_weight, post_norm, gate_up_weight, down_weight = w[3:]
+        x = x + self.self_attn.o_proj(attn_out, o_weight, None)
+        return x + self.mlp(self.post_attention_layernorm(x, post_norm), gate_up_weight, down_weight)
+
+    def construct(self, x, cos, sin, mask, cache, cache_rows):
+        """A decode step: x [B, hidden] of one position per row, whose keys and values [KVH, B, D] the cache
+        (cache.LayerKVCache) stores at cache_rows [KVH, B] before attending over all of it (mask [B, 1, 1, L])."""
+        w = self.weights()
+        q, k, v = self.project(x, cos, sin, w)
+        keys, values = cache.update(k, v, cache_rows)
+        out = decode_attention(q, keys, values, mask, self.attn_implementation, self.flash_dtype, self.flash_kernel)
+        return self.finish(x, out, w)
 
 
-class DecoderLayerStep(nn.Cell):
-    """One decoder layer with its weights as arguments: one graph, compiled once per prompt shape, runs every
-    layer of a prompt (Qwen2VLTextModel.prompt_layers).
+# ---------------------------------------------------------------------------------------------- prompt steps
+class DecoderProjectStep(Step):
+    """`Qwen2VLDecoderLayer.project` with a layer's weights as arguments: one graph for every layer and every
+    prompt length.
 
     In GRAPH_MODE each compiled graph keeps its own workspace for as long as it lives, and a graph of all the
-    layers holds every layer's: a 2000-token prompt at the 2B widths grew RSS by about 1 GB per layer, in
-    forward() and again in generate()'s prefill. The step holds one layer's, shared by both.
-    It computes with the first layer's cells (their head counts, attention backend and, under tensor
-    parallelism, their all-reduce), never with their parameters.
+    layers holds every layer's: a 2000-token prompt at the 2B widths grew RSS by about 1 GB per layer. The steps
+    hold one layer's. They compute with the first layer's cells (their head counts, attention backend and,
+    under tensor parallelism, their all-reduce), never with its parameters.
     """
 
-    def __init__(self, layer: Qwen2VLDecoderLayer):
-        # No prefix: holding the layer here must not rename its parameters.
-        super().__init__(auto_prefix=False)
+    def __init__(self, layer: Qwen2VLDecoderLayer, rotary_rows):
+        super().__init__()
         self.layer = layer
+        self.rotary_rows = rotary_rows  # heads + 2 * kv heads of this process
 
-    def construct(self, x, rope_a, rope_b, mask, input_norm, qkv_weight, qkv_bias, o_weight, post_norm,
-                  gate_up_weight, down_weight, keep=None):
-        # keep (a Python int or None) is a constant of the graph: a prompt's last layer compiles its own.
-        return self.layer.compute(x, rope_a, rope_b, mask, None, None, input_norm, qkv_weight, qkv_bias, o_weight,
-                                  post_norm, gate_up_weight, down_weight, keep)
+    def specs(self):
+        w = DecoderLayerWeights(*self.layer.weights())
+        d = self.layer.self_attn.head_dim
+        return (dynamic((None, w.o_weight.shape[0]), w.qkv_weight.dtype), dynamic((None, self.rotary_rows(), d)),
+                dynamic((None, self.rotary_rows(), d)), *like(w))
+
+    def construct(self, x, cos, sin, *weights):
+        return self.layer.project(x, cos, sin, weights)
+
+
+class DecoderAttendStep(Step):
+    """Attention and the rest of the layer for the positions `rows` [Sq] of one sequence, over all its keys
+    (mask [Sq, S]); q, k, v heads first as `project` gives them: one graph for every layer, prompt length and
+    query block."""
+
+    def __init__(self, layer: Qwen2VLDecoderLayer):
+        super().__init__()
+        self.layer = layer
+        self.kv_index = None
+
+    def specs(self):
+        w = DecoderLayerWeights(*self.layer.weights())
+        attn = self.layer.self_attn
+        # The KV head of each query head, for this process's heads (fewer under tensor parallelism).
+        self.kv_index = Tensor(np.arange(attn.num_heads, dtype=np.int32) // (attn.num_heads // attn.num_kv_heads))
+        dtype, d = w.qkv_weight.dtype, attn.head_dim
+        kv = dynamic((attn.num_kv_heads, None, d), dtype)
+        return (dynamic((None, w.o_weight.shape[0]), dtype), dynamic((attn.num_heads, None, d), dtype), kv, kv,
+                dynamic((None,), ms.int32), dynamic((None, None)), *like(w))
+
+    def construct(self, x, q, k, v, rows, mask, *weights):
+        layer = self.layer
+        out = prompt_attention(ops.gather(q, rows, 1), k, v, mask, self.kv_index, layer.attn_implementation,
+                               layer.flash_dtype, layer.flash_kernel)
+        return layer.finish(ops.gather(x, rows, 0), out, weights)
+
+
+class EmbedStep(Step):
+    """Token ids [S] -> embeddings [S, hidden], any length."""
+
+    def __init__(self, embed_tokens):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def specs(self):
+        return (dynamic((None,), ms.int32),)
+
+    def construct(self, ids):
+        return self.embed_tokens(ids)
+
+
+class RotaryStep(Step):
+    """Positions [3, 1, S] of one sequence -> the rotary tables of every layer, any length."""
+
+    def __init__(self, rotary):
+        super().__init__()
+        self.rotary = rotary
+
+    def specs(self):
+        return (dynamic((3, 1, None), ms.int32),)
+
+    def construct(self, position_ids):
+        return self.rotary(position_ids)
 
 
 class Qwen2VLTextModel(nn.Cell):
-    """Embedding, decoder layers and final norm. `construct` takes embeddings (vision already merged).
-
-    Between the layers the hidden states are [B*S, hidden]: every projection is then a plain 2-D matmul.
-    """
+    """Embedding, decoder layers and final norm. Between the layers the hidden states are [B*S, hidden]: every
+    projection is then a plain 2-D matmul."""
 
     def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
         self.config = config
+        self.policy = policy
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=policy.compute_dtype)
         self.layers = nn.CellList([Qwen2VLDecoderLayer(config, policy) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, kernels=kernels_for(policy))
         self.rotary_emb = Qwen2VLRotaryEmbedding(config)
-        self.layer_step = DecoderLayerStep(self.layers[0])
+        # Plain attributes: registered sub-cells would prefix the parameter names of the cells they hold.
+        steps = dict(embed=EmbedStep(self.embed_tokens), rotary=RotaryStep(self.rotary_emb),
+                     project=DecoderProjectStep(self.layers[0], self.rotary_rows),
+                     attend=DecoderAttendStep(self.layers[0]))
+        object.__setattr__(self, "steps", steps)
 
-    def construct(self, inputs_embeds, position_ids, mask, caches=None, cache_rows=None):
-        """inputs_embeds [B, S, hidden], position_ids [3, B, S], mask additive [B, 1, S, L] -> [B, S, hidden].
-        caches: None, or the per-layer KV caches (cache.StaticCache.layers) written at cache_rows
-        (cache.StaticCache.rows of the call's positions)."""
-        b, s, h = inputs_embeds.shape
-        rope = self.rotary_emb(position_ids)
-        x = inputs_embeds.reshape(b * s, h)
+    def rotary_rows(self):
+        attn = self.layers[0].self_attn
+        return attn.num_heads + 2 * attn.num_kv_heads
+
+    def construct(self, inputs_embeds, position_ids, mask, caches, cache_rows):
+        """A decode step: inputs_embeds [B, hidden], position_ids [3, B, 1], mask additive [B, 1, 1, L];
+        caches: the per-layer KV caches (cache.StaticCache.layers), written at cache_rows
+        (cache.StaticCache.rows) -> normed hidden states [B, hidden]."""
+        cos, sin = self.rotary_emb(position_ids)
+        x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if caches is None else caches[i], cache_rows)
-        return self.norm(x).reshape(b, s, h)
+            x = layer(x, cos, sin, mask, caches[i], cache_rows)
+        return self.norm(x)
 
-    def prompt_layers(self, inputs_embeds, position_ids, mask, keep_kv=False, keep_last=0):
-        """`construct` without a cache, as separate graphs in GRAPH_MODE: the rotary tables, each layer (one
-        shared compiled DecoderLayerStep), the final norm. -> (hidden [B, S, hidden], keys and values)
+    def prompt(self, inputs_embeds, position_ids, keep_last=0, keep_kv=False):
+        """One whole sequence (forward, generate's prefill, one row at a time), layer by layer on the host
+        through the shared steps.
 
-        For whole prompts (forward, generate's prefill): memory then holds one layer's workspace, not one per
-        layer. keep_kv: also return every layer's keys and values [B, S, KVH, D] (k0, v0, k1, v1, ...), to be
-        written to a cache; otherwise (). keep_last=n (0 < n < S): hidden is only the last n positions,
-        [B, n, hidden]; the last layer then attends, projects and runs its MLP for those positions alone (the
-        others' outputs there feed nothing), which is exact row by row.
+        inputs_embeds [S, hidden] Tensor, position_ids [3, S] int numpy; causal attention. keep_last=n
+        (0 < n < S): the last layer computes only the last n positions (the others' outputs feed nothing
+        there), so the result holds those. keep_kv: also return every layer's keys and values [S, KVH, D]
+        (k0, v0, k1, v1, ...), for the cache. Returns (hidden [S or n, hidden] before the final norm, kv tuple).
         """
-        b, s, h = inputs_embeds.shape
-        rope = self.rotary_emb(position_ids)
-        rope_b = rope[1] if len(rope) == 2 else None
-        x = inputs_embeds.reshape(b * s, h)
-        keep = int(keep_last) if 0 < int(keep_last) < s else None
-        kv = []
+        s = inputs_embeds.shape[0]
+        cos, sin = self.steps["rotary"](Tensor(np.asarray(position_ids, np.int32).reshape(3, 1, s)))
+        keep = int(keep_last) if 0 < int(keep_last) < s else s
+        heads, impl = self.layers[0].self_attn.num_heads, self.policy.attn_implementation
+        mask = np.where(np.arange(s)[None, :] <= np.arange(s)[:, None], 0.0, MASK_MIN).astype(np.float32)
+
+        def blocks(first):  # query blocks of positions first..s-1, each (rows, mask rows)
+            return [(Tensor(np.arange(first + a, first + z, dtype=np.int32)), Tensor(mask[first + a:first + z]))
+                    for a, z in query_blocks(s - first, s, heads, impl)]
+
+        every, last = blocks(0), blocks(s - keep)
+        x, kv = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            x, k, v = self.layer_step(x, rope[0], rope_b, mask, *layer.weights(),
-                                      keep if i == len(self.layers) - 1 else None)
+            w = as_arguments(layer.weights())
+            q, k, v = self.steps["project"](x, cos, sin, *w)
+            outs = [self.steps["attend"](x, q, k, v, rows, m, *w) for rows, m in (last if i == len(self.layers) - 1
+                                                                                 else every)]
+            x = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
             if keep_kv:
                 kv += [k, v]
-        return self.norm(x).reshape(b, s if keep is None else keep, h), tuple(kv)
+        return x, tuple(kv)
 
-
-def last_positions(x, n, axis):
-    """The last n entries of x along axis (a Slice kernel)."""
-    return split(x, (x.shape[axis] - n, n), axis)[1]
+    def graphs(self):
+        return self.steps

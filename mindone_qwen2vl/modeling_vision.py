@@ -1,39 +1,41 @@
-"""Qwen2-VL vision tower: Conv3d patch embedding, 2-D rotary, per-frame attention blocks, 2x2 PatchMerger.
+"""Qwen2-VL vision tower: patch embedding, 2-D rotary, per-frame attention blocks, 2x2 PatchMerger.
 
-Everything that depends on the image sizes (rotary positions, which patches attend to which) is computed on
-the host in numpy by `vision_plan` before the call, so the tower itself is shape-static per input and
-compiles in graph mode.
+Everything that depends on the image sizes (rotary positions, which patches attend to which, how queries are
+split into blocks) is computed on the host in numpy by `vision_plan` and enters the graphs as index tensors.
+The steps are declared with dynamic shapes (graphs.Step): one compilation serves every image size, frame
+layout and number of images.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import vision_attention
+from .attention import flash_kernel, frame_attention, query_blocks
 from .config import Qwen2VLVisionConfig
-from .layers import LayerNorm, Linear, as_arguments, new_param, rotate_half_matrix, split
-from .precision import NORM_DTYPE, PrecisionPolicy
+from .graphs import Step, dynamic, like
+from .kernels import rotate_half_matrix, split
+from .layers import LayerNorm, Linear, as_arguments, new_param
+from .precision import PrecisionPolicy
 
 
+# ---------------------------------------------------------------------------------------------- host plan
 @dataclass
 class VisionPlan:
-    """Host-side tables for one call of the tower (see `vision_plan`)."""
+    """Host-side tables for one call of the tower.
+
+    Attention never crosses a frame. Frames of the same length are batched: each group is [F, L] patch indices
+    (`groups[g]`, rows of the tower's input), so attention runs on a [F, heads, L, L] batch with no padding
+    and no mask. Query positions are split into blocks (`blocks[g]`) when a group's eager scores would not fit
+    attention.SCORES_BUDGET. `unpad` takes the rows of the concatenated outputs (group by group, block by
+    block, each [F, block]) back to patch order; None when they are in patch order already.
+    """
 
     rot_pos: np.ndarray  # [N, 2] int32: (row, col) of each patch, patches in 2x2 merge-window order
-    frame_lens: np.ndarray  # [F] int64: patches per frame; attention never crosses a frame
-    gather_idx: Optional[np.ndarray]  # [F * Lmax] int32 into the N patches, or None when all frames are equal
-    key_bias: Optional[np.ndarray]  # [F, Lmax] float32: 0 for real keys, -inf-like for padding
-    unpad_idx: Optional[np.ndarray]  # [N] int32 from the padded [F * Lmax] rows back to the patches
-
-    @property
-    def max_len(self):
-        return int(self.frame_lens.max())
-
-    @property
-    def cu_seqlens(self):
-        return np.concatenate([[0], np.cumsum(self.frame_lens)]).astype(np.int64)
+    groups: List[np.ndarray]  # [F, L] int32 per frame length
+    blocks: List[List[Tuple[int, int]]]  # query position ranges within the frames of each group
+    unpad: Optional[np.ndarray]  # [N] int32
 
 
 def _merge_window_positions(h, w, merge):
@@ -45,32 +47,31 @@ def _merge_window_positions(h, w, merge):
     return np.stack([rows, cols], axis=-1)
 
 
-def vision_plan(grid_thw, spatial_merge_size=2) -> VisionPlan:
-    """Rotary positions and the block-diagonal (per frame) attention layout for the given grids."""
+def vision_plan(grid_thw, spatial_merge_size=2, num_heads=1, impl="eager") -> VisionPlan:
+    """Rotary positions, the per-frame attention groups and their query blocks for the given grids."""
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     for t, h, w in grid_thw:
-        if t < 1 or h % spatial_merge_size or w % spatial_merge_size:
-            raise ValueError(f"grid_thw row {[int(t), int(h), int(w)]}: t must be >= 1, h and w multiples of "
-                             f"{spatial_merge_size}")
+        if t < 1 or h < 1 or w < 1 or h % spatial_merge_size or w % spatial_merge_size:
+            raise ValueError(f"grid_thw row {[int(t), int(h), int(w)]}: t, h and w must be >= 1, h and w multiples "
+                             f"of {spatial_merge_size}")
     rot_pos = np.concatenate(
         [np.tile(_merge_window_positions(h, w, spatial_merge_size), (t, 1)) for t, h, w in grid_thw]
     ).astype(np.int32)
     frame_lens = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    lmax = int(frame_lens.max())
-    if (frame_lens == lmax).all():
-        return VisionPlan(rot_pos, frame_lens, None, None, None)
-    # Frames of different sizes: pad each to Lmax. Memory is F * Lmax^2 per head, the block diagonal only,
-    # never (sum of frames)^2.
-    n_frames = len(frame_lens)
     starts = np.concatenate([[0], np.cumsum(frame_lens)[:-1]])
-    offs = np.arange(lmax)
-    valid = offs[None, :] < frame_lens[:, None]
-    gather_idx = np.where(valid, starts[:, None] + offs[None, :], 0).astype(np.int32).reshape(-1)
-    key_bias = np.where(valid, 0.0, np.finfo(np.float32).min).astype(np.float32)
-    unpad_idx = (np.arange(n_frames)[:, None] * lmax + offs[None, :])[valid].astype(np.int32)
-    return VisionPlan(rot_pos, frame_lens, gather_idx, key_bias, unpad_idx)
+    groups, blocks, order = [], [], []
+    for length in sorted(set(frame_lens.tolist())):
+        rows = starts[frame_lens == length][:, None] + np.arange(length)[None, :]
+        groups.append(rows.astype(np.int32))
+        blocks.append(query_blocks(length, length, len(rows) * num_heads, impl))
+        order += [rows[:, a:b].reshape(-1) for a, b in blocks[-1]]
+    order = np.concatenate(order)
+    in_order = len(order) == len(rot_pos) and (order == np.arange(len(order))).all()
+    unpad = None if in_order else np.argsort(order, kind="stable").astype(np.int32)
+    return VisionPlan(rot_pos, groups, blocks, unpad)
 
 
+# ---------------------------------------------------------------------------------------------- cells
 class PatchProjection(nn.Cell):
     """The Conv3d of the checkpoint (weight [embed, C, 2, 14, 14], no bias), computed as a matmul.
 
@@ -107,8 +108,8 @@ class VisionRotaryEmbedding(nn.Cell):
     """2-D rotary tables [N, 3, 1, head_dim] for the q/k/v rows of each patch: the first half of the frequencies
     follow the row, the second the column.
 
-    As in the decoder (modeling_text.Qwen2VLRotaryEmbedding), the q rows carry the attention scale and the v
-    rows are cos 1, sin 0, so one pass over the qkv projection rotates q and k and leaves v unchanged.
+    The q rows carry the attention scale and the v rows are cos 1, sin 0, so one pass over the qkv projection
+    rotates q and k, scales q, and leaves v unchanged (x * 1 + y * 0 == x exactly).
     """
 
     def __init__(self, head_dim, theta=10000.0):
@@ -122,15 +123,31 @@ class VisionRotaryEmbedding(nn.Cell):
         self.value_cos = Tensor(np.array([0.0, 0.0, 1.0], np.float32).reshape(1, 3, 1, 1))
 
     def construct(self, rot_pos):
-        row, col = split(rot_pos.astype(ms.float32), (1, 1), 1)
+        row, col = split(rot_pos.astype(ms.float32), (1, 1), 1, 2)
         freqs = ops.cat((row * self.inv_freq, col * self.inv_freq), -1)
         emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, 1, self.head_dim)
         return ops.cos(emb) * self.factor + self.value_cos, ops.sin(emb) * self.factor
 
 
-class VisionAttention(nn.Cell):
-    """Parameters of a block's attention (HF names); VisionBlockStep computes it."""
+class VisionBlockWeights(NamedTuple):
+    """A block's tensors by name. In graphs they travel as a plain tuple in this order: MindSpore's graph mode
+    treats a NamedTuple as an opaque Python object, so the code unpacks by position."""
 
+    norm1_weight: Tensor
+    norm1_bias: Tensor
+    qkv_weight: Tensor
+    qkv_bias: Tensor
+    proj_weight: Tensor
+    proj_bias: Tensor
+    norm2_weight: Tensor
+    norm2_bias: Tensor
+    fc1_weight: Tensor
+    fc1_bias: Tensor
+    fc2_weight: Tensor
+    fc2_bias: Tensor
+
+
+class VisionAttention(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
         super().__init__()
         self.qkv = Linear(config.embed_dim, 3 * config.embed_dim, bias=True, dtype=dtype)
@@ -138,41 +155,20 @@ class VisionAttention(nn.Cell):
 
 
 class VisionMlp(nn.Cell):
-    """Parameters of a block's QuickGELU MLP (HF names); VisionBlockStep computes it."""
-
     def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
         super().__init__()
         hidden = int(config.embed_dim * config.mlp_ratio)
         self.fc1 = Linear(config.embed_dim, hidden, dtype=dtype)
         self.fc2 = Linear(hidden, config.embed_dim, dtype=dtype)
 
+    def construct(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        h = self.fc1(x, fc1_weight, fc1_bias)
+        return self.fc2(h * ops.sigmoid(1.702 * h), fc2_weight, fc2_bias)  # QuickGELU
+
 
 class Qwen2VLVisionBlock(nn.Cell):
-    """One block's parameters under HF's names, handed to the tower's shared VisionBlockStep."""
-
-    def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
-        super().__init__()
-        self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
-        self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
-        self.attn = VisionAttention(config, policy.compute_dtype)
-        self.mlp = VisionMlp(config, policy.compute_dtype)
-
-    def weights(self):
-        """The block's tensors in VisionBlockStep's argument order (values: plain tensors, not Parameters, so
-        that one compiled step serves every block)."""
-        params = (self.norm1.weight, self.norm1.bias, self.attn.qkv.weight, self.attn.qkv.bias,
-                  self.attn.proj.weight, self.attn.proj.bias, self.norm2.weight, self.norm2.bias,
-                  self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias)
-        return as_arguments(params)
-
-
-class VisionBlockStep(nn.Cell):
-    """A vision block with its weights as arguments: one graph, compiled once, runs every block.
-
-    In GRAPH_MODE each compiled graph keeps its own workspace for as long as it lives. The 32-block tower
-    compiled as one graph held +11.5 GB for one 1024-patch image at the 2B widths (about 0.36 GB per block,
-    measured by RSS); sharing one block graph holds one block's workspace, and compiles faster.
-    """
+    """One block under HF's names. Its two halves, `project` and `attend`, take the weights as a bundle so that
+    one compiled step (VisionBlockStep) runs every block."""
 
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
@@ -180,32 +176,119 @@ class VisionBlockStep(nn.Cell):
         self.head_dim = config.head_dim
         self.attn_implementation = policy.attn_implementation
         self.flash_dtype = policy.flash_dtype
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-6)
-        self.matmul_t = ops.MatMul(transpose_b=True)
-        self.matmul = ops.MatMul()
+        self.flash_kernel = flash_kernel(policy)
+        self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(config, policy.compute_dtype)
+        self.mlp = VisionMlp(config, policy.compute_dtype)
         self.rotate_half = Tensor(rotate_half_matrix(self.head_dim))
+        self.matmul = ops.MatMul()
 
-    def layer_norm(self, x, weight, bias):
-        return self.norm(x.astype(NORM_DTYPE), weight, bias)[0].astype(x.dtype)  # float32, as LayerNorm
+    def weights(self):
+        """The block's Parameters in VisionBlockWeights' order, as a plain tuple (in a graph a NamedTuple is
+        an opaque object)."""
+        return (self.norm1.weight, self.norm1.bias, self.attn.qkv.weight, self.attn.qkv.bias,
+                self.attn.proj.weight, self.attn.proj.bias, self.norm2.weight, self.norm2.bias,
+                self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias)
 
-    def linear(self, x, weight, bias):
-        return self.matmul_t(x.astype(weight.dtype), weight) + bias
+    def project(self, x, cos, sin, w):
+        """x [N, E] -> q, k, v heads first [H, N, D], q and k rotated (in float32 whatever the compute dtype),
+        q scaled. w: VisionBlockWeights (or the same tensors as a tuple)."""
+        norm1_weight, norm1_bias, qkv_weight, qkv_bias = w[:4]
+        heads, d = self.num_heads, self.head_dim
+        qkv = self.attn.qkv(self.norm1(x, norm1_weight, norm1_bias), qkv_weight, qkv_bias)
+        qkv = qkv.astype(ms.float32)
+        rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, 3, heads, d)
+        qkv = qkv.reshape(-1, 3, heads, d)
+        shape = qkv.shape  # explicit broadcasts of the tables over the heads: see kernels.rms_norm
+        qkv = qkv * ops.broadcast_to(cos, shape) + rotated * ops.broadcast_to(sin, shape)
+        q, k, v = split(qkv.astype(x.dtype).transpose(1, 2, 0, 3), (1, 1, 1), 0, 4)
+        return q.reshape(heads, -1, d), k.reshape(heads, -1, d), v.reshape(heads, -1, d)
 
-    def construct(self, x, cos, sin, frame_len, gather_idx, key_bias, unpad_idx, frame_ends, norm1_w, norm1_b,
-                  qkv_w, qkv_b, proj_w, proj_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b):
-        n, heads, d = x.shape[0], self.num_heads, self.head_dim
-        # Rotary in float32 whatever the compute dtype, q, k and v in one pass (see VisionRotaryEmbedding);
-        # the split uses Slice: StridedSlice cost 0.5 s of a 1.8 s 2B-width encoder pass on the CPU backend.
-        qkv = self.linear(self.layer_norm(x, norm1_w, norm1_b), qkv_w, qkv_b).astype(ms.float32)
-        rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(n, 3, heads, d)
-        qkv = (qkv.reshape(n, 3, heads, d) * cos + rotated * sin).astype(x.dtype)
-        q, k, v = split(qkv, (1, 1, 1), 1)
-        layout = (frame_len, gather_idx, key_bias, unpad_idx, frame_ends)
-        out = vision_attention(q.reshape(n, heads, d), k.reshape(n, heads, d), v.reshape(n, heads, d), layout,
-                               1.0, self.attn_implementation, self.flash_dtype)
-        x = x + self.linear(out, proj_w, proj_b)
-        h = self.linear(self.layer_norm(x, norm2_w, norm2_b), fc1_w, fc1_b)
-        return x + self.linear(h * ops.sigmoid(1.702 * h), fc2_w, fc2_b)  # QuickGELU
+    def attend(self, x, q, k, v, w):
+        """The rest of the block for some rows: x [F * Lq, E] and their queries q [H, F, Lq, D] against their
+        frames' keys and values k, v [H, F, L, D] -> [F * Lq, E]. w: VisionBlockWeights (or a tuple)."""
+        proj_weight, proj_bias, norm2_weight, norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = w[4:]
+        out = frame_attention(q, k, v, self.attn_implementation, self.flash_dtype, self.flash_kernel)
+        x = x + self.attn.proj(out, proj_weight, proj_bias)
+        return x + self.mlp(self.norm2(x, norm2_weight, norm2_bias), fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+
+
+class VisionProjectStep(Step):
+    """`Qwen2VLVisionBlock.project` with the block's weights as arguments: one graph for every block and every
+    image size.
+
+    In GRAPH_MODE each compiled graph keeps its own workspace for as long as it lives: the 32-block tower as one
+    graph held +11.5 GB for one 1024-patch image at the 2B widths; steps shared by every block hold one block's.
+    """
+
+    def __init__(self, block: Qwen2VLVisionBlock):
+        super().__init__()
+        self.block = block
+
+    def specs(self):
+        b = self.block
+        d = b.head_dim
+        return (dynamic((None, b.attn.proj.out_features), b.attn.qkv.weight.dtype), dynamic((None, 3, 1, d)),
+                dynamic((None, 3, 1, d)), *like(b.weights()))
+
+    def construct(self, x, cos, sin, *weights):
+        return self.block.project(x, cos, sin, weights)
+
+
+class VisionAttendStep(Step):
+    """`Qwen2VLVisionBlock.attend` for the query rows `rows` [F, Lq] against the keys of `frames` [F, L]
+    (patch indices, see VisionPlan): one graph for every block, image size and frame layout."""
+
+    def __init__(self, block: Qwen2VLVisionBlock):
+        super().__init__()
+        self.block = block
+
+    def specs(self):
+        b = self.block
+        dtype = b.attn.qkv.weight.dtype
+        index = dynamic((None, None), ms.int32)
+        heads = dynamic((b.num_heads, None, b.head_dim), dtype)
+        return (dynamic((None, b.attn.proj.out_features), dtype), heads, heads, heads, index, index,
+                *like(b.weights()))
+
+    def construct(self, x, q, k, v, rows, frames, *weights):
+        # Gathers by [F, Lq] / [F, L] index tensors give the frame layout directly: no reshape that would depend
+        # on the dynamic sizes (each costs host-side shape arithmetic at every call of a dynamic graph).
+        x = ops.gather(x, rows, 0).reshape(-1, x.shape[1])
+        q, k, v = ops.gather(q, rows, 1), ops.gather(k, frames, 1), ops.gather(v, frames, 1)
+        return self.block.attend(x, q, k, v, weights)
+
+
+class VisionEmbed(Step):
+    """Patches and their positions -> the first block's input and the rotary tables: one graph, any N."""
+
+    def __init__(self, patch_embed: PatchEmbed, rotary: VisionRotaryEmbedding):
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.rotary = rotary
+
+    def specs(self):
+        return dynamic((None, self.patch_embed.patch_dim), ms.float32), dynamic((None, 2), ms.int32)
+
+    def construct(self, pixels, rot_pos):
+        cos, sin = self.rotary(rot_pos)
+        return self.patch_embed(pixels), cos, sin
+
+
+class MergerStep(Step):
+    """The PatchMerger as one graph for any number of patches."""
+
+    def __init__(self, merger):
+        super().__init__()
+        self.merger = merger
+
+    def specs(self):
+        ln = self.merger.ln_q.weight
+        return (dynamic((None, ln.shape[0]), self.merger.mlp[0].weight.dtype),)
+
+    def construct(self, x):
+        return self.merger(x)
 
 
 class PatchMerger(nn.Cell):
@@ -227,44 +310,43 @@ class PatchMerger(nn.Cell):
 
 
 class Qwen2VisionTransformer(nn.Cell):
-    """`visual.*` of the HF checkpoint. Call with the processor's flattened patches and a `vision_plan`."""
+    """`visual.*` of the HF checkpoint. Call with the processor's flattened patches and their grids.
+
+    Not one graph: the embedding, each block (two steps shared by every block) and the merger run as separate
+    graphs in GRAPH_MODE, each compiled once whatever the image sizes.
+    """
 
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
         self.config = config
         self.policy = policy
-        self.spatial_merge_size = config.spatial_merge_size
         self.patch_embed = PatchEmbed(config, policy.conv_dtype, policy.compute_dtype)
         self.rotary_pos_emb = VisionRotaryEmbedding(config.head_dim)
         self.blocks = nn.CellList([Qwen2VLVisionBlock(config, policy) for _ in range(config.depth)])
-        self.block_step = VisionBlockStep(config, policy)
         self.merger = PatchMerger(config, policy.compute_dtype)
+        # Steps computing with the first block's cells (never its parameters), as plain attributes: registered
+        # sub-cells would prefix their own parameter names.
+        steps = dict(embed=VisionEmbed(self.patch_embed, self.rotary_pos_emb),
+                     project=VisionProjectStep(self.blocks[0]),
+                     attend=VisionAttendStep(self.blocks[0]), merger=MergerStep(self.merger))
+        object.__setattr__(self, "steps", steps)
 
-    def __call__(self, pixel_values, rot_pos, frame_len=None, gather_idx=None, key_bias=None, unpad_idx=None,
-                 frame_ends=None):
-        # Not one graph: the embedding, the rotary tables, each block (one shared compiled step, see
-        # VisionBlockStep) and the merger run as separate graphs in GRAPH_MODE.
-        x = self.patch_embed(pixel_values)
-        cos, sin = self.rotary_pos_emb(rot_pos)
+    def plan(self, grid_thw) -> VisionPlan:
+        return vision_plan(grid_thw, self.config.spatial_merge_size, self.config.num_heads,
+                           self.policy.attn_implementation)
+
+    def __call__(self, pixel_values, grid_thw):
+        """pixel_values [N, C * T * P * P] (numpy or Tensor), grid_thw [images, 3] -> merged features."""
+        plan = self.plan(grid_thw)
+        pixels = pixel_values if isinstance(pixel_values, Tensor) else Tensor(np.asarray(pixel_values, np.float32))
+        x, cos, sin = self.steps["embed"](pixels, Tensor(plan.rot_pos))
+        calls = [(Tensor(np.ascontiguousarray(rows[:, a:b])), Tensor(rows))
+                 for rows, blocks in zip(plan.groups, plan.blocks) for a, b in blocks]
+        unpad = None if plan.unpad is None else Tensor(plan.unpad)
+        project, attend = self.steps["project"], self.steps["attend"]
         for blk in self.blocks:
-            x = self.block_step(x, cos, sin, frame_len, gather_idx, key_bias, unpad_idx, frame_ends, *blk.weights())
-        return self.merger(x)
-
-    def plan_inputs(self, grid_thw):
-        """Host tables -> the arguments `construct` takes after the pixels."""
-        plan = vision_plan(grid_thw, self.spatial_merge_size)
-        return (Tensor(plan.rot_pos),) + attention_layout(plan, self.policy.attn_implementation)
-
-
-def attention_layout(plan: VisionPlan, attn_implementation="eager"):
-    """The per-frame layout as the tower's trailing arguments:
-    (frame_len, gather_idx, key_bias, unpad_idx, frame_ends); see attention.vision_attention.
-
-    Separate arguments, not one tuple: graph mode treats tensors inside a tuple argument as constants and
-    would recompile for every new image.
-    """
-    if attn_implementation == "flash_attention_2":
-        return (None, None, None, None, tuple(int(e) for e in plan.cu_seqlens[1:]))
-    if plan.gather_idx is None:
-        return (plan.max_len, None, None, None, None)
-    return (None, Tensor(plan.gather_idx), Tensor(plan.key_bias), Tensor(plan.unpad_idx), None)
+            w = as_arguments(blk.weights())
+            q, k, v = project(x, cos, sin, *w)
+            outs = [attend(x, q, k, v, query_rows, frames, *w) for query_rows, frames in calls]
+            x = outs[0] if unpad is None else ops.gather(ops.cat(outs, 0), unpad, 0)
+        return self.steps["merger"](x)

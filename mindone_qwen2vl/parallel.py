@@ -150,12 +150,8 @@ class RowParallelLinear(Linear):
         self.global_in = linear.in_features
         self.all_reduce = ops.AllReduce(group=_world_group())
 
-    def compute(self, x, weight, bias=None):
-        shape = x.shape
-        y = self.all_reduce(self.matmul(x.reshape(-1, shape[-1]).astype(weight.dtype), weight))
-        if bias is not None:
-            y = y + bias
-        return y.reshape(shape[:-1] + (self.out_features,))
+    def product(self, x, weight):
+        return self.all_reduce(self.matmul(x, weight))
 
     def checkpoint_pieces(self):
         start, stop = self.span

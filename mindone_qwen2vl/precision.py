@@ -14,12 +14,14 @@ On a CPU, bf16 matmul/softmax/conv and flash attention have no kernels: asking f
 """
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import mindspore as ms
 
 
 FLASH_DTYPE = ms.float16
 NORM_DTYPE = ms.float32
+ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2")  # attention.py implements each
 
 _DTYPES = {
     "fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
@@ -48,6 +50,8 @@ class PrecisionPolicy:
     attn_implementation: str = "eager"
     device: str = "CPU"
     flash_dtype: ms.Type = FLASH_DTYPE
+    # None: MindSpore's ops.flash_attention_score. CPU tests give an emulation of its documented semantics.
+    flash_kernel: Optional[Callable] = None
 
     norm_dtype = NORM_DTYPE
     softmax_dtype = ms.float32
@@ -72,8 +76,6 @@ class PrecisionPolicy:
 def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dtype=None, device=None):
     """The policy for this device. Ascend defaults: flash attention, bf16 Conv3d. Elsewhere: eager, and
     the dtypes the CPU kernels support (see the module docstring for the fallbacks)."""
-    from .attention import ATTN_IMPLEMENTATIONS  # here: attention.py uses layers.py, which uses this module
-
     device = device or device_target()
     dtype = parse_dtype(mindspore_dtype) or ms.float32
     conv = parse_dtype(conv_dtype)

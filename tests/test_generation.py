@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mindone_qwen2vl.generation import compiled_graphs
+
 from tiny import IMAGE, VIDEO, left_pad, random_pixels, vision_block
 
 IMG, IMG_B, VID = (1, 4, 6), (1, 8, 4), (3, 4, 4)

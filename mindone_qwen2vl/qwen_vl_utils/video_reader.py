@@ -3,9 +3,8 @@
 Both give the same RGB frames for the same indices (the tests check this frame by frame), so the
 choice of backend never changes what the model sees.
 
-decord must be imported after mindspore (the other order aborts the process); importing this
-package goes through ``mindone_qwen2vl/__init__.py``, which imports mindspore first, and decord is
-only imported inside the functions below.
+decord must be imported after mindspore (the other order aborts the process), so the decord reader
+imports mindspore first; both are imported only inside the functions below.
 """
 from __future__ import annotations
 
@@ -71,6 +70,7 @@ class VideoReader:
             )
 
     def _open_decord(self):
+        import mindspore  # noqa: F401  (before decord: the other order aborts the process)
         import decord
 
         self._vr = decord.VideoReader(self.path, num_threads=0)

@@ -1,0 +1,101 @@
+"""Host-side preparation of the model's inputs, in numpy: 3-axis rotary positions and attention masks.
+
+Nothing here touches a device; the model (modeling_qwen2_vl) and generation call these before their graphs.
+"""
+import numpy as np
+from mindspore import Tensor
+
+
+def to_numpy(x, dtype=None):
+    if x is None:
+        return None
+    if isinstance(x, Tensor):
+        x = x.asnumpy()
+    elif hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor handed over from an HF pipeline
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return x if dtype is None else x.astype(dtype)
+
+
+def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
+                   image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                   spatial_merge_size=2):
+    """3-axis (temporal, height, width) position ids for M-RoPE, computed on the host.
+
+    Text tokens advance all three axes together. A vision item of grid (t, h, w) becomes t*h*w/4 tokens
+    laid out as (t, h/2, w/2); its positions start where the text stopped, each axis counting its own index,
+    and the text after it resumes at one past the largest position used. Padding (attention_mask 0) gets 1.
+
+    Example: one image of grid (1, 4, 4) (2x2 tokens) after 2 text tokens, then 1 text token:
+        temporal: 0 1 2 2 2 2 4
+        height:   0 1 2 2 3 3 4
+        width:    0 1 2 3 2 3 4
+
+    Returns (position_ids [3, B, S] int64, rope_deltas [B, 1] int64), where rope_deltas is the position
+    of the next token minus its index in the padded sequence, used to continue positions while decoding.
+    """
+    ids = to_numpy(input_ids, np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    batch, seq = ids.shape
+    mask = np.ones_like(ids) if attention_mask is None else to_numpy(attention_mask, np.int64).reshape(batch, seq)
+    if image_grid_thw is None and video_grid_thw is None:
+        if attention_mask is None:
+            pos = np.broadcast_to(np.arange(seq), (3, batch, seq)).copy()
+            return pos, np.zeros((batch, 1), np.int64)
+        pos = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)
+        deltas = pos.max(-1, keepdims=True) + 1 - seq
+        return np.broadcast_to(pos, (3, batch, seq)).copy(), deltas.astype(np.int64)
+
+    grids = {
+        image_token_id: iter(np.asarray(to_numpy(image_grid_thw) if image_grid_thw is not None else [],
+                                        np.int64).reshape(-1, 3)),
+        video_token_id: iter(np.asarray(to_numpy(video_grid_thw) if video_grid_thw is not None else [],
+                                        np.int64).reshape(-1, 3)),
+    }
+    position_ids = np.ones((3, batch, seq), np.int64)
+    deltas = np.zeros((batch, 1), np.int64)
+    for b in range(batch):
+        tokens = ids[b][mask[b] == 1]
+        n = len(tokens)
+        after_start = tokens[np.nonzero(tokens[:-1] == vision_start_token_id)[0] + 1]
+        remaining = {k: int((after_start == k).sum()) for k in grids}
+        pieces, cursor, next_pos = [], 0, 0
+        for _ in range(sum(remaining.values())):
+            # The next vision item is whichever pad token (image or video) comes first from the cursor.
+            first = {}
+            for kind, left in remaining.items():
+                hits = np.nonzero(tokens[cursor:] == kind)[0] if left else []
+                first[kind] = cursor + int(hits[0]) if len(hits) else n + 1
+            kind = min(first, key=first.get)
+            start = first[kind]
+            try:
+                t, h, w = next(grids[kind])
+            except StopIteration:
+                raise ValueError(
+                    f"row {b} has more {'image' if kind == image_token_id else 'video'} items than grids given"
+                ) from None
+            remaining[kind] -= 1
+            gh, gw = h // spatial_merge_size, w // spatial_merge_size
+            text_len = start - cursor
+            pieces.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
+            base = next_pos + text_len
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + base)
+            next_pos = base + max(t, gh, gw)
+            cursor = start + t * gh * gw
+        if cursor < n:
+            pieces.append(np.broadcast_to(np.arange(n - cursor) + next_pos, (3, n - cursor)))
+        row = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
+        position_ids[:, b, mask[b] == 1] = row
+        deltas[b, 0] = (row.max() + 1 if row.size else 0) - seq
+    return position_ids, deltas
+
+
+def causal_mask(attention_mask, query_len, key_len, past_len=0):
+    """Additive float32 mask [B, 1, S, L]: a query at absolute position past_len+i sees keys 0..past_len+i
+    that are not padding."""
+    q_pos = np.arange(query_len)[:, None] + past_len
+    allowed = np.arange(key_len)[None, :] <= q_pos
+    allowed = allowed[None] & (attention_mask[:, None, :key_len] == 1)
+    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
