@@ -32,7 +32,7 @@ class LayerKVCache(nn.Cell):
         self.scatter = ops.ScatterUpdate()
 
     def update(self, key, value, rows):
-        """Write key/value [KVH, B, D] at rows [KVH, B] (StaticCache.rows); return the whole cache as
+        """Write key/value [B, KVH, D] at rows [B, KVH] (StaticCache.rows); return the whole cache as
         [B, KVH, L, D] (positions a row has not written are masked by the caller)."""
         # depend: read the Parameter after the write, not a value loaded before it.
         k = ops.depend(self.key, self.scatter(self.key, rows, key.astype(self.key.dtype)))
@@ -63,8 +63,8 @@ class StaticCache(nn.Cell):
         for i, layer in enumerate(self.layers):  # CellList prefixed them with the index; keep our names
             layer.key.name, layer.value.name = f"kv_cache.{i}.key", f"kv_cache.{i}.value"
         self.key_positions = Tensor(np.arange(max_len, dtype=np.int32).reshape(1, 1, max_len))
-        # Row of position 0 for each (kv head, batch row), laid out [KVH, B] like a step's keys [KVH, B, D].
-        self.row_base = Tensor(self.base_rows().T.copy())
+        # Row of position 0 for each (batch row, kv head), laid out [B, KVH] like a step's keys [B, KVH, D].
+        self.row_base = Tensor(self.base_rows())
         object.__setattr__(self, "write_prompt", WritePrompt(self))  # a step over this cache, not a part of it
 
     def base_rows(self):
@@ -75,9 +75,9 @@ class StaticCache(nn.Cell):
         return (self.base_rows()[slot][:, None] + np.arange(length, dtype=np.int32)[None, :]).astype(np.int32)
 
     def rows(self, cache_position):
-        """Storage rows [KVH, B] of each row's position cache_position [B], the same for every layer (computed
+        """Storage rows [B, KVH] of each row's position cache_position [B], the same for every layer (computed
         once per step, not per layer)."""
-        return self.row_base + cache_position.reshape(1, -1)
+        return self.row_base + cache_position.reshape(-1, 1)
 
     def attention_mask(self, cache_position):
         """Additive float32 mask [B, 1, 1, L] for one query per row at cache_position [B] (int32): a row sees
@@ -97,6 +97,10 @@ class WritePrompt(Step):
     def __init__(self, cache: StaticCache):
         super().__init__()
         object.__setattr__(self, "cache", cache)  # not a sub-cell: the cache holds this step
+
+    def parameters_dict(self, recurse=True):
+        # What the graph writes, by name (the persistent compile cache binds a loaded graph's parameters by name).
+        return {p.name: p for p in self.cache.get_parameters()}
 
     def specs(self):
         kv, d = self.cache.kv_heads, self.cache.layers[0].shape[3]

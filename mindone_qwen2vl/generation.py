@@ -22,16 +22,20 @@ from mindspore import Tensor, nn, ops
 from tqdm.auto import tqdm
 
 from .cache import StaticCache
+from .graphs import Step
 from .inputs import to_numpy
 
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
                    max_new_tokens=None, min_new_tokens=0)
 # Decode steps are compiled per (batch rows, cache length) bucket, both powers of two: a generation of L
-# positions attends over at most 2L cache positions, and a workload touches a few buckets (each compiled once,
-# 6-7 s for 28 layers on the development CPU). On the CPU backend attention over the cache costs in proportion
-# to its length (2b-slice decode: 70 ms/token over 256 positions, 77 over 4096), so buckets stay tight.
+# positions attends over at most 2L cache positions, and a workload touches a few buckets, each compiled once
+# (6-7 s for 28 layers on the development CPU). On the CPU backend attention over the cache costs in proportion
+# to its length (2b-slice decode: 70 ms/token over 256 positions, 77 over 4096; the whole 2B model would pay
+# that 7 times over), so a long generation gets its tight bucket. A short one (at most SHORT_GENERATION new
+# tokens) runs in a longer bucket already compiled instead: its few steps cost less than a compilation.
 MIN_CACHE_LENGTH = 256
+SHORT_GENERATION = 64
 
 
 def _power_of_two(n, minimum=1):
@@ -224,19 +228,26 @@ class TokenChooser:
 
 
 # ---------------------------------------------------------------------------------------------- device steps
-class DecodeOneToken(nn.Cell):
+class DecodeOneToken(Step):
     """One token per row, each at its own cache position [B] -> float32 logits [B, V]. Its inputs have the same
     shapes at every step, so GRAPH_MODE compiles it once per (batch rows, cache length): the whole decoder and
     lm_head in one graph (a decode step's workspace is small; its cost is the kernels it launches)."""
 
     def __init__(self, model, cache: StaticCache):
-        super().__init__(auto_prefix=False)
+        super().__init__()
         # Plain attributes, not registered sub-cells: every call of a compiled Cell walks its registered
         # sub-cells in Python (Cell.compile_phase), 1.4-1.7 ms per token through the ~290 cells of the 28-layer
         # `overhead` shape. The graph resolves these attributes all the same.
         object.__setattr__(self, "text", model.model)
         object.__setattr__(self, "cache", cache)
         object.__setattr__(self, "lm_head", model.lm_head)
+
+    def parameters_dict(self, recurse=True):
+        # What the graph reads, by name (the persistent compile cache binds a loaded graph's parameters by name).
+        params = {p.name: p for p in self.text.get_parameters()}
+        params.update((p.name, p) for p in self.lm_head.get_parameters())
+        params.update((p.name, p) for p in self.cache.get_parameters())
+        return params
 
     def construct(self, input_ids, cache_position, rope_position):
         """input_ids [B] (each row's last token), cache_position [B] (where it goes in the row's cache),
@@ -248,9 +259,6 @@ class DecodeOneToken(nn.Cell):
                            self.cache.layers, self.cache.rows(cache_position))
         return self.lm_head(hidden).astype(ms.float32)
 
-    def compiled(self):
-        return len(self.compile_cache)
-
 
 class Runner:
     """A KV cache of `rows` x `length` and the decode step over it."""
@@ -260,6 +268,7 @@ class Runner:
         self.cache = StaticCache(model.config.text_config, rows, length, model.policy.compute_dtype,
                                  kv_heads=model.model.layers[0].self_attn.num_kv_heads)
         self.decode = DecodeOneToken(model, self.cache)
+        self.decode.fingerprint = self.cache.write_prompt.fingerprint = model.fingerprint
 
 
 class Runners:
@@ -270,11 +279,15 @@ class Runners:
         self.model = model
         self.by_shape = {}
 
-    def get(self, batch, needed) -> Runner:
-        key = (batch_rows(batch), cache_length(needed))
-        if key not in self.by_shape:
-            self.by_shape[key] = Runner(self.model, *key)
-        return self.by_shape[key]
+    def get(self, batch, needed, new_tokens=SHORT_GENERATION + 1) -> Runner:
+        """The runner for `batch` sequences of up to `needed` positions, `new_tokens` of them generated."""
+        rows, length = batch_rows(batch), cache_length(needed)
+        if (rows, length) not in self.by_shape and new_tokens <= SHORT_GENERATION:
+            longer = sorted(n for r, n in self.by_shape if r == rows and n > length)
+            length = longer[0] if longer else length
+        if (rows, length) not in self.by_shape:
+            self.by_shape[rows, length] = Runner(self.model, rows, length)
+        return self.by_shape[rows, length]
 
     def graphs(self):
         steps = {}
@@ -347,7 +360,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
     lengths = mask.sum(-1)
-    runner = model.runners.get(batch, int(lengths.max()) + options.max_new_tokens)
+    runner = model.runners.get(batch, int(lengths.max()) + options.max_new_tokens, options.max_new_tokens)
     # Each row's sequence starts at position 0 of its cache row, its padding left out; the rope delta moves
     # from the padded index to that position. Rows past the batch are idle: a pad token at position 0.
     deltas = np.zeros(runner.rows, np.int64)

@@ -4,6 +4,7 @@ Host work (numpy, inputs.py) happens here, before the device calls: position ids
 grids, the gather table that merges features, the attention mask. The graphs it calls (the vision tower's and
 the decoder's steps, the head) are declared with dynamic shapes, so any request shape reuses them.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,6 +65,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.tensor_parallel = None  # (rank, size) when sharded over an msrun job (parallel.shard_model)
         object.__setattr__(self, "head", HeadStep(self.model.norm, self.lm_head))
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
+        for step in self.graphs().values():
+            step.fingerprint = self.fingerprint
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation=None, policy=None,
@@ -206,6 +209,11 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         steps["head"] = self.head
         steps.update(self.runners.graphs())
         return steps
+
+    def fingerprint(self):
+        """What the model's graphs depend on besides their inputs (graphs.CompileCache)."""
+        return repr((dataclasses.asdict(self.config), self.policy.describe(), self.policy.flash_dtype,
+                     getattr(self.policy.flash_kernel, "__qualname__", None), self.tensor_parallel))
 
     def compiled_graphs(self):
         """{step name: graphs compiled so far} (GRAPH_MODE; all 0 in PYNATIVE_MODE)."""

@@ -132,18 +132,20 @@ class Qwen2VLDecoderLayer(nn.Cell):
                 self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
                 self.mlp.down_proj.weight)
 
-    def project(self, x, cos, sin, w):
-        """x [T, hidden] -> heads first q [H, T, D] (rotated, scaled), k, v [KVH, T, D] (k rotated); rotary in
-        float32 whatever the compute dtype (the angles lose bits in fp16). w: DecoderLayerWeights (or a tuple)."""
+    def project(self, x, cos, sin, w, heads_first=True):
+        """x [T, hidden] -> q [H, T, D] (rotated, scaled), k, v [KVH, T, D] (k rotated); [T, heads, D] each with
+        heads_first=False. Rotary in float32 whatever the compute dtype (the angles lose bits in fp16).
+        w: DecoderLayerWeights (or a tuple)."""
         input_norm, qkv_weight, qkv_bias = w[:3]
         attn = self.self_attn
         heads, kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         qkv = attn.qkv_proj(self.input_layernorm(x, input_norm), qkv_weight, qkv_bias).astype(ms.float32)
         n = heads + 2 * kv
         rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, n, d)
-        qkv = (qkv.reshape(-1, n, d) * cos + rotated * sin).astype(x.dtype).transpose(1, 0, 2)
-        q, k, v = split(qkv, (heads, kv, kv), 0, 3)
-        return q, k, v
+        qkv = (qkv.reshape(-1, n, d) * cos + rotated * sin).astype(x.dtype)
+        if heads_first:
+            return split(qkv.transpose(1, 0, 2), (heads, kv, kv), 0, 3)
+        return split(qkv, (heads, kv, kv), 1, 3)
 
     def finish(self, x, attn_out, w):
         """The rest of the layer: x [T, hidden] and its attention output [T, H * D] -> [T, hidden].
@@ -153,10 +155,10 @@ class Qwen2VLDecoderLayer(nn.Cell):
         return x + self.mlp(self.post_attention_layernorm(x, post_norm), gate_up_weight, down_weight)
 
     def construct(self, x, cos, sin, mask, cache, cache_rows):
-        """A decode step: x [B, hidden] of one position per row, whose keys and values [KVH, B, D] the cache
-        (cache.LayerKVCache) stores at cache_rows [KVH, B] before attending over all of it (mask [B, 1, 1, L])."""
+        """A decode step: x [B, hidden] of one position per row, whose keys and values [B, KVH, D] the cache
+        (cache.LayerKVCache) stores at cache_rows [B, KVH] before attending over all of it (mask [B, 1, 1, L])."""
         w = self.weights()
-        q, k, v = self.project(x, cos, sin, w)
+        q, k, v = self.project(x, cos, sin, w, heads_first=False)
         keys, values = cache.update(k, v, cache_rows)
         out = decode_attention(q, keys, values, mask, self.attn_implementation, self.flash_dtype, self.flash_kernel)
         return self.finish(x, out, w)

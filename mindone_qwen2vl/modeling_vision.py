@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 from .attention import flash_kernel, frame_attention, query_blocks
 from .config import Qwen2VLVisionConfig
 from .graphs import Step, dynamic, like
-from .kernels import rotate_half_matrix, split
+from .kernels import broadcast, rotate_half_matrix, split
 from .layers import LayerNorm, Linear, as_arguments, new_param
 from .precision import PrecisionPolicy
 
@@ -200,8 +200,7 @@ class Qwen2VLVisionBlock(nn.Cell):
         qkv = qkv.astype(ms.float32)
         rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, 3, heads, d)
         qkv = qkv.reshape(-1, 3, heads, d)
-        shape = qkv.shape  # explicit broadcasts of the tables over the heads: see kernels.rms_norm
-        qkv = qkv * ops.broadcast_to(cos, shape) + rotated * ops.broadcast_to(sin, shape)
+        qkv = qkv * broadcast(cos, qkv) + rotated * broadcast(sin, qkv)
         q, k, v = split(qkv.astype(x.dtype).transpose(1, 2, 0, 3), (1, 1, 1), 0, 4)
         return q.reshape(heads, -1, d), k.reshape(heads, -1, d), v.reshape(heads, -1, d)
 
@@ -348,5 +347,7 @@ class Qwen2VisionTransformer(nn.Cell):
             w = as_arguments(blk.weights())
             q, k, v = project(x, cos, sin, *w)
             outs = [attend(x, q, k, v, query_rows, frames, *w) for query_rows, frames in calls]
-            x = outs[0] if unpad is None else ops.gather(ops.cat(outs, 0), unpad, 0)
+            x = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
+            if unpad is not None:
+                x = ops.gather(x, unpad, 0)
         return self.steps["merger"](x)

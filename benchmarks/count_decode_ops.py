@@ -1,6 +1,6 @@
 """Count the ops of one compiled decode step (GRAPH_MODE) from MindSpore's IR dumps.
 
-    python scripts/count_decode_ops.py CHECKPOINT_DIR
+    python benchmarks/count_decode_ops.py CHECKPOINT_DIR
 
 Prints the primitive calls of `DecodeOneToken.construct` as parsed (the validate-stage IR: what pynative
 mode launches one by one) and the kernels of the built graph (graph_build IR), by primitive.
@@ -32,9 +32,8 @@ def main(folder):
     ms.set_context(mode=ms.GRAPH_MODE)
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False)
     model.generate(np.array([[151644, 872, 198] + [100] * 20]), max_new_tokens=2)
-    runner = next(iter(model._generation_runners.values()))
-    args = (Tensor(np.array([[5]], np.int32)), Tensor(np.array([40], np.int32)), Tensor(np.zeros((1, 1), np.int32)),
-            Tensor(np.ones((1, runner.cache.max_len), np.int32)))
+    runner = next(iter(model.runners.by_shape.values()))
+    args = (Tensor(np.array([5], np.int32)), Tensor(np.array([40], np.int32)), Tensor(np.array([40], np.int32)))
     irdir = tempfile.mkdtemp(prefix="decode_ir_")
     try:
         ms.set_context(save_graphs=1, save_graphs_path=irdir)
