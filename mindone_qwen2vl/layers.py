@@ -5,8 +5,8 @@ and `mint.nn.LayerNorm` / `mint.nn.Embedding` have no CPU kernels. These cells k
 checkpoints load by name, and use only primitives that exist on CPU and Ascend.
 
 Cells that hold weights take them as optional arguments: called plainly they use their own Parameters; a
-step compiled once for every layer (modeling_text.DecoderLayerStep, modeling_vision.VisionBlockStep) passes
-each layer's tensors instead. The math is the same code either way.
+step compiled once for every layer (the prompt steps of modeling_text, the block steps of modeling_vision)
+passes each layer's tensors instead. The math is the same code either way.
 """
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops

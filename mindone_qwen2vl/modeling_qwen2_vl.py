@@ -30,16 +30,22 @@ class Qwen2VLOutput:
 class HeadStep(Step):
     """Final norm and lm_head: hidden states [T, hidden] -> float32 logits [T, vocab], any T."""
 
-    def __init__(self, norm, lm_head):
+    def __init__(self, model):
         super().__init__()
-        self.norm = norm
-        self.lm_head = lm_head
+        # The model as a plain attribute, its lm_head looked up when the graph compiles: tensor parallelism
+        # (parallel.shard_model) replaces lm_head after the model is built.
+        object.__setattr__(self, "model", model)
 
     def specs(self):
-        return (dynamic((None, self.lm_head.in_features), self.lm_head.weight.dtype),)
+        head = self.model.lm_head
+        return (dynamic((None, head.in_features), head.weight.dtype),)
+
+    def parameters_dict(self, recurse=True):
+        cells = (self.model.model.norm, self.model.lm_head)
+        return {p.name: p for cell in cells for p in cell.get_parameters()}
 
     def construct(self, hidden):
-        return self.lm_head(self.norm(hidden)).astype(ms.float32)
+        return self.model.lm_head(self.model.model.norm(hidden)).astype(ms.float32)
 
 
 class Qwen2VLForConditionalGeneration(nn.Cell):
@@ -63,7 +69,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.name_or_path = None  # the folder loaded from (loading.load_pretrained)
         self.generation_config = {}  # its generation_config.json, read once at load
         self.tensor_parallel = None  # (rank, size) when sharded over an msrun job (parallel.shard_model)
-        object.__setattr__(self, "head", HeadStep(self.model.norm, self.lm_head))
+        object.__setattr__(self, "head", HeadStep(self))
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
         for step in self.graphs().values():
             step.fingerprint = self.fingerprint

@@ -220,15 +220,20 @@ class DecoderAttendStep(Step):
 class EmbedStep(Step):
     """Token ids [S] -> embeddings [S, hidden], any length."""
 
-    def __init__(self, embed_tokens):
+    def __init__(self, text_model):
         super().__init__()
-        self.embed_tokens = embed_tokens
+        # The model as a plain attribute, its embedding looked up when the graph compiles: tensor parallelism
+        # (parallel.shard_model) replaces the embedding after the model is built.
+        object.__setattr__(self, "text", text_model)
 
     def specs(self):
         return (dynamic((None,), ms.int32),)
 
+    def parameters_dict(self, recurse=True):
+        return {p.name: p for p in self.text.embed_tokens.get_parameters()}
+
     def construct(self, ids):
-        return self.embed_tokens(ids)
+        return self.text.embed_tokens(ids)
 
 
 class RotaryStep(Step):
@@ -258,7 +263,7 @@ class Qwen2VLTextModel(nn.Cell):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, kernels=kernels_for(policy))
         self.rotary_emb = Qwen2VLRotaryEmbedding(config)
         # Plain attributes: registered sub-cells would prefix the parameter names of the cells they hold.
-        steps = dict(embed=EmbedStep(self.embed_tokens), rotary=RotaryStep(self.rotary_emb),
+        steps = dict(embed=EmbedStep(self), rotary=RotaryStep(self.rotary_emb),
                      project=DecoderProjectStep(self.layers[0], self.rotary_rows),
                      attend=DecoderAttendStep(self.layers[0]))
         object.__setattr__(self, "steps", steps)
@@ -283,7 +288,7 @@ class Qwen2VLTextModel(nn.Cell):
 
         inputs_embeds [S, hidden] Tensor, position_ids [3, S] int numpy; causal attention. keep_last=n
         (0 < n < S): the last layer computes only the last n positions (the others' outputs feed nothing
-        there), so the result holds those. keep_kv: also return every layer's keys and values [S, KVH, D]
+        there), so the result holds those. keep_kv: also return every layer's keys and values [KVH, S, D]
         (k0, v0, k1, v1, ...), for the cache. Returns (hidden [S or n, hidden] before the final norm, kv tuple).
         """
         s = inputs_embeds.shape[0]

@@ -13,7 +13,8 @@ import mindspore as ms
 from mindspore import ops
 
 LAYOUTS = ("BSH", "BNSD", "SBH", "BSND", "TND")
-CALLS = []  # (layout, sparse_mode, shapes) of every call, so tests can check the path was taken
+CALLS = []  # (layout, sparse_mode, query shape, key shape, attn_mask (shape, dtype) or None) of every call, so tests
+#           can check the path was taken
 
 
 def _to_bnsd(x, layout, heads):
@@ -79,7 +80,8 @@ def emulated_flash_attention_score(query, key, value, head_num, real_shift=None,
         raise TypeError(f"attn_mask dtype {attn_mask.dtype} is not bool/uint8")
     if sparse_mode in (2, 3) and (attn_mask is None or tuple(attn_mask.shape) != (2048, 2048)):
         raise RuntimeError("sparse_mode 2/3 need the compressed (2048, 2048) attn_mask")
-    CALLS.append((input_layout, sparse_mode, tuple(query.shape), tuple(key.shape)))
+    mask = None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype)
+    CALLS.append((input_layout, sparse_mode, tuple(query.shape), tuple(key.shape), mask))
     # Separate functions per layout: graph mode wants every variable defined on both sides of a branch.
     if input_layout == "TND":
         return _tnd(query, key, value, head_num, actual_seq_qlen, actual_seq_kvlen, scalar_value, sparse_mode)

@@ -1,7 +1,7 @@
-"""scripts/benchmark.py end to end on its smallest shape: both runners report every measurement.
+"""benchmarks/benchmark.py end to end on its smallest shape: both workloads, both runners report every figure.
 
 Speed itself is not asserted here (timings belong to benchmark runs, docs/benchmarks.md); this keeps the script
-working, and checks that the HF worker runs without the oneDNN cap the package sets for itself.
+working.
 """
 import json
 import math
@@ -9,21 +9,22 @@ import os
 import subprocess
 import sys
 
-import mindspore as ms
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARK = os.path.join(ROOT, "scripts", "benchmark.py")
+BENCHMARK = os.path.join(ROOT, "benchmarks", "benchmark.py")
 
 
-def test_benchmark_reports_both_runners(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+def run(tmp_path, *args):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, BENCHMARK, "--shape", "overhead", "--runners", "graph,hf", "--repeats", "1",
-                           "--skip_vision", "1372x2044", "--json", str(out)], capture_output=True, text=True,
-                          env=env, cwd=str(tmp_path), timeout=900)
+    proc = subprocess.run([sys.executable, BENCHMARK, "--shape", "overhead", "--runners", "graph,hf", *args,
+                           "--json", str(out)], capture_output=True, text=True, cwd=str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(out.read_text())
-    assert info["shape"] == "overhead" and info["new_tokens"] == 24
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_warm_workload_reports_both_runners(tmp_path):
+    info, stdout = run(tmp_path, "--repeats", "1", "--skip_vision", "1372x2044")
+    assert info["shape"] == "overhead" and info["workload"] == "warm" and info["new_tokens"] == 24
+    assert info["cpu_model"] and info["cpu_model"] in stdout
     results = {r["runner"]: r for r in info["results"]}
     assert sorted(results) == ["graph", "hf"]
     for runner, r in results.items():
@@ -31,12 +32,23 @@ def test_benchmark_reports_both_runners(tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0, (runner, key, r[key])
         assert "vision_1372x2044_s" not in r  # skipped as asked
         assert len(r["decode_ms_runs"]) == 1 and r["decode_ms_per_token"] == r["decode_ms_runs"][0]
-    assert results["hf"]["onednn_max_cpu_isa"] == ""
-    assert "cpu_launcher" not in results["hf"]
-    if ms.get_context("device_target") == "CPU":
-        assert results["graph"]["onednn_max_cpu_isa"] == "AVX2"
-        assert results["graph"]["cpu_launcher"] is (sys.platform == "linux")
-        assert f"CPU launcher thread: graph {'on' if sys.platform == 'linux' else 'off'}" in proc.stdout
-    # The printed table has a row per runner.
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| graph |") or line.startswith("| hf |")]
-    assert len(rows) == 2, proc.stdout
+    rows = [line for line in stdout.splitlines() if line.startswith("| graph |") or line.startswith("| hf |")]
+    assert len(rows) == 2, stdout
+
+
+def test_mixed_workload_reports_each_request(tmp_path):
+    info, stdout = run(tmp_path, "--workload", "mixed", "--requests", "4", "--seed", "3")
+    assert info["workload"] == "mixed" and info["new_tokens"] == 8 and len(info["requests"]) == 4
+    summary = {s["runner"]: s for s in info["summary"]}
+    assert sorted(summary) == ["graph", "hf"]
+    for r in info["results"]:
+        assert len(r["requests"]) == 4 and all(q["s"] > 0 and q["rss_mb"] > 0 for q in r["requests"])
+        # Both runners saw the same prompts.
+        assert [q["prompt_tokens"] for q in r["requests"]] == [q["prompt_tokens"] for q in info["results"][0]["requests"]]
+    for s in summary.values():
+        assert s["total_s"] >= s["median_s"] > 0 and s["p95_s"] >= s["median_s"]
+    graphs = summary["graph"]["graphs_by_request"]
+    assert graphs == sorted(graphs) and 0 < graphs[-1] <= 20  # compiled graphs only accumulate, and few
+    assert "graphs" not in summary["hf"]
+    rows = [line for line in stdout.splitlines() if line.startswith("| graph |") or line.startswith("| hf |")]
+    assert len(rows) == 2, stdout

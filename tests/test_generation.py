@@ -1,12 +1,11 @@
 """generate() against HF transformers' generate (greedy, fp32) on the tiny random checkpoint, in pynative and
-graph mode; the decode step compiles once."""
+graph mode; every step compiles once for any shape, the decode step once per bucket."""
 import itertools
 
 import mindspore as ms
 import numpy as np
 import pytest
 import torch
-
 
 from tiny import IMAGE, VIDEO, left_pad, random_pixels, vision_block
 
@@ -113,25 +112,43 @@ def test_prompts_one_after_another(tiny_hf, tiny_ours, ms_mode):
                                       hf_generate(tiny_hf[0], inputs, max_new_tokens=n), err_msg=case)
 
 
-def test_decode_step_compiles_once(tiny_ours):
+def test_steps_compile_once_for_any_shape(tiny_hf):
+    """In GRAPH_MODE the vision, prompt and head steps compile once whatever the image sizes and prompt lengths;
+    the decode step and its prompt write compile once per (batch rows, cache length) bucket. A fresh model, so
+    that the counts are this test's."""
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
+    shared = ["vision.embed", "vision.project", "vision.attend", "vision.merger", "text.embed", "text.rotary",
+              "text.project", "text.attend", "head"]
+    assert sorted(model.compiled_graphs()) == sorted(shared)  # no bucket before the first generation
+    model.generate(**case_inputs("text_only"), max_new_tokens=2)
+    assert set(model.compiled_graphs().values()) == {0}  # PYNATIVE_MODE compiles nothing
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        first = case_inputs("text_only")
-        steps = tiny_ours.model.layer_step.compile_cache
-        before = len(steps)  # other tests may have compiled prompt shapes already
-        out = tiny_ours.generate(**first, max_new_tokens=40, eos_token_id=[])
-        # Every decoder layer of the prompt ran the one shared layer step: at most one new graph.
-        after_first = len(steps)
-        assert after_first >= 1 and after_first - before <= 1
-        assert out.shape[1] == first["input_ids"].shape[1] + 40
-        key = (1, 128)
-        assert compiled_graphs(tiny_ours)[key]["decode"] == 1
-        # A prompt of another length (graph mode pads prompts to a multiple of 64) reuses both graphs.
-        tiny_ours.generate(input_ids=np.array([[5, 6, 7]]), max_new_tokens=30, eos_token_id=[])
-        assert compiled_graphs(tiny_ours)[key] == {"prefill": 1, "decode": 1}
-        assert len(steps) == after_first  # the same padded prompt shape
+        out = model.generate(**case_inputs("text_only"), max_new_tokens=40, eos_token_id=[])
+        assert out.shape[1] == case_inputs("text_only")["input_ids"].shape[1] + 40
+        graphs = model.compiled_graphs()
+        # Every decoder layer of the prompt ran the two shared steps: one graph each.
+        used = ("text.embed", "text.rotary", "text.project", "text.attend", "head", "decode.1x256", "write.1x256")
+        assert graphs == {k: int(k in used) for k in shared + ["decode.1x256", "write.1x256"]}
+        # Other prompt lengths, images of several sizes, a video, forward() (all within the bucket 1 x 256).
+        model.generate(input_ids=np.array([[5, 6, 7]]), max_new_tokens=30, eos_token_id=[])
+        for case in ("image", "video"):
+            model.generate(**case_inputs(case), max_new_tokens=5)
+        ids = [[1] + vision_block(IMAGE, IMG_B) + [2] + vision_block(IMAGE, (1, 2, 2)) + [3]]
+        grid = np.array([IMG_B, (1, 2, 2)])
+        model.generate(input_ids=np.array(ids), pixel_values=random_pixels(grid, 8), image_grid_thw=grid,
+                       max_new_tokens=5)
+        model(**case_inputs("image"))
+        assert model.compiled_graphs() == {**{k: 1 for k in shared}, "decode.1x256": 1, "write.1x256": 1}
+        # A new bucket (3 rows -> 4) adds exactly its decode step and its prompt write.
+        ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
+        assert model.compiled_graphs() == {**{k: 1 for k in shared}, "decode.1x256": 1, "write.1x256": 1,
+                                           "decode.4x256": 1, "write.4x256": 1}
         # The decode step holds the model as plain attributes: a call walks no sub-cells on the host.
-        runner = tiny_ours._generation_runners[key]
+        runner = model.runners.by_shape[(1, 256)]
         assert [name for name, _ in runner.decode.cells_and_names()] == [""]
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -146,39 +163,49 @@ def test_ms_tensor_in_ms_tensor_out(tiny_ours):
 
 @pytest.fixture(scope="module")
 def flash_pair(tmp_path_factory):
-    """The same checkpoint loaded with eager and with flash attention (the kernel emulated on CPU, in fp32).
-    The emulated kernel wants head sizes that are multiples of 16: vision 32/2, text 64/4."""
+    """The same checkpoint loaded with eager and with flash attention (the kernel emulated on CPU, in fp32, given
+    by the precision policy). The emulated kernel wants head sizes that are multiples of 16: vision 32/2, text
+    64/4."""
+    import flash_emulation
     from mindone_qwen2vl import Qwen2VLForConditionalGeneration
     from mindone_qwen2vl.precision import PrecisionPolicy
     from tiny import hf_config, hf_model, save_checkpoint
 
     folder = save_checkpoint(hf_model(hf_config(vision_heads=2), seed=7), str(tmp_path_factory.mktemp("flash")))
     eager = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False)
-    flash = Qwen2VLForConditionalGeneration.from_pretrained(
-        folder, progress=False, policy=PrecisionPolicy(attn_implementation="flash_attention_2", flash_dtype=ms.float32))
+    policy = PrecisionPolicy(attn_implementation="flash_attention_2", flash_dtype=ms.float32,
+                             flash_kernel=flash_emulation.emulated_flash_attention_score)
+    flash = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False, policy=policy)
     return eager, flash
 
 
 def test_flash_attention_path_generates_the_same(flash_pair):
-    """The Ascend default: the prefill mask over the prompt and the decode masks over the cache bucket go
-    through flash_attention_score.
+    """The Ascend default: every attention goes through flash_attention_score in the BNSD layout: the vision
+    frames in batches of equal length, each prompt row over its own keys (no padding), the decode step over the
+    cache bucket.
     Pynative only: there the emulation logs its calls (and graph mode would compile two more models)."""
     import flash_emulation
-    from mindone_qwen2vl.attention import FLASH_KERNEL
 
     eager, flash = flash_pair
     inputs = case_inputs("mixed_left_padded_batch")
     n = NEW_TOKENS["pynative"]
-    FLASH_KERNEL["fn"] = flash_emulation.emulated_flash_attention_score
     flash_emulation.CALLS.clear()
-    try:
-        ours = flash.generate(**inputs, max_new_tokens=n)
-    finally:
-        FLASH_KERNEL["fn"] = None
-    seq = inputs["input_ids"].shape[1]
-    bnsd = [call for call in flash_emulation.CALLS if call[0] == "BNSD"]
-    # (query length, key length): the prompt over its own keys (the last layer: its last position only), then
-    # one token over the whole cache bucket
-    assert {(call[2][2], call[3][2]) for call in bnsd} == {(seq, seq), (1, seq), (1, 128)}
-    assert {call[2][3] for call in bnsd} == {16}  # head_dim
+    ours = flash.generate(**inputs, max_new_tokens=n)
+    calls = list(flash_emulation.CALLS)
+    assert {call[0] for call in calls} == {"BNSD"} and {call[1] for call in calls} == {0}
+    assert {call[2][3] for call in calls} == {16}  # head_dim
+    # (batch, query length, key length, mask) by head count: the vision tower has 2 heads, the decoder 4.
+    found = {(q[1], q[0], q[2], k[2], mask) for _, _, q, k, mask in calls}
+    vision = {entry[1:] for entry in found if entry[0] == 2}
+    text = {entry[1:] for entry in found if entry[0] == 4}
+    assert len(vision) + len(text) == len(found)
+    # One batch entry per frame of equal length, no mask: the 3 frames of the video (16 patches each), the two
+    # images.
+    assert vision == {(3, 16, 16, None), (1, 24, 24, None), (1, 32, 32, None)}
+    # Each prompt row over its own keys with a boolean (S, S) causal mask (the last layer: its last position
+    # only, one mask row), then the decode step: one query per row of the bucket (4 rows) over the whole cache
+    # (256 positions), a boolean (B, 1, 1, L) mask.
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    assert text == ({(1, s, s, ((s, s), ms.bool_)) for s in lengths} | {(1, 1, s, ((1, s), ms.bool_)) for s in lengths}
+                    | {(4, 1, 256, ((4, 1, 1, 256), ms.bool_))})
     np.testing.assert_array_equal(ours, eager.generate(**inputs, max_new_tokens=n))

@@ -169,6 +169,10 @@ def test_defaults_from_generation_config_json(tiny_hf, tiny_ours, tmp_path, grap
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), progress=False)
     out = model.generate(**inputs, max_new_tokens=8)
     assert out[0, 8:].tolist() == free[:stop + 1]
+    # The file is read once, at load: what happens to it afterwards changes nothing.
+    assert model.generation_config["eos_token_id"] == eos and model.name_or_path == str(folder)
+    os.remove(folder / "generation_config.json")
+    np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=8), out)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

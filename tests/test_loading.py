@@ -99,6 +99,22 @@ def test_packed_projections_hold_the_checkpoint_rows(tiny_hf, tiny_ours):
     assert attn.qkv_proj.weight.name == "model.layers.1.self_attn.qkv_proj.weight"
 
 
+def test_norms_hold_the_checkpoint_tensors(tiny_hf, tiny_ours):
+    """RMSNorm and LayerNorm parameters have the checkpoint's names and shapes ([dim]), bit for bit."""
+    hf = dict(tiny_hf[0].named_parameters())
+    hf = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in hf.items()}
+    ours = {p.name: p for p in tiny_ours.get_parameters()}
+    names = [n for n in ours if "norm" in n or ".ln_q." in n]
+    assert "model.norm.weight" in names and "model.layers.1.post_attention_layernorm.weight" in names
+    assert "visual.blocks.0.norm1.bias" in names and "visual.merger.ln_q.weight" in names
+    for name in names:
+        want = hf[name].detach().numpy()
+        assert ours[name].shape == want.shape, name
+        np.testing.assert_array_equal(ours[name].asnumpy(), want, err_msg=name)
+    assert tiny_ours.model.norm.weight.shape == (tiny_ours.config.text_config.hidden_size,)
+    assert not hasattr(tiny_ours.model.norm, "checkpoint_pieces")
+
+
 def test_loads_as_fp16_with_norms_in_fp32(tiny_hf):
     ours = load(tiny_hf[1], mindspore_dtype=ms.float16)
     assert ours.model.layers[0].mlp.gate_up_proj.weight.dtype == ms.float16

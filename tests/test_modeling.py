@@ -52,6 +52,8 @@ def test_logits_match_hf(tiny_hf, tiny_ours, ms_mode, case):
     print(f"{case} [{ms_mode}]: relative error {err:.2e}")
     assert err < TOL
     assert (ours.asnumpy().argmax(-1) == ref.argmax(-1))[mask.astype(bool) if mask is not None else ...].all()
+    if mask is not None:  # each row runs without its padding: padding positions keep zero logits
+        assert not ours.asnumpy()[mask == 0].any()
 
 
 def test_pynative_and_graph_agree(tiny_ours):
@@ -119,55 +121,87 @@ def test_logits_to_keep_must_be_a_count(tiny_ours, bad):
 @pytest.mark.parametrize("keep", [1, 3, 100])
 def test_logits_to_keep_runs_the_last_layer_on_those_positions_only(tiny_hf, tiny_ours, ms_mode, keep):
     """With logits_to_keep=n the last decoder layer attends, projects and runs its MLP for the last n positions
-    only (prompt_layers(keep_last=n)); row by row that is the full computation: HF's logits, padded batch."""
-    from mindone_qwen2vl.modeling_qwen2_vl import causal_mask
-
+    of the padded batch only (Qwen2VLTextModel.prompt(keep_last=...), row by row without padding); that is the
+    full computation: HF's logits, padded batch."""
     inputs = case_inputs("mixed_left_padded_batch")
     batch, seq = inputs["input_ids"].shape
     n = min(keep, seq)
     ref = hf_logits(tiny_hf[0], **inputs)[:, -n:]
     ours = tiny_ours(**inputs, logits_to_keep=keep).logits.asnumpy()
     assert ours.shape == (batch, n, ref.shape[-1])
-    err = rel_err(ours, ref, inputs["attention_mask"][:, -n:])
+    kept_mask = inputs["attention_mask"][:, -n:]
+    err = rel_err(ours, ref, kept_mask)
     print(f"logits_to_keep={keep} [{ms_mode}]: relative error {err:.2e}")
     assert err < TOL
-    # The text model hands back only the kept positions: the last layer never made the others.
+    assert not ours[kept_mask == 0].any()
+    # The text model hands back only each row's kept positions: the last layer never made the others.
+    mask = inputs["attention_mask"]
     embeds = tiny_ours.embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
                              inputs["pixel_values_videos"], inputs["video_grid_thw"])
     position_ids, _ = tiny_ours.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"],
-                                               inputs["video_grid_thw"], inputs["attention_mask"])
-    mask = ms.Tensor(causal_mask(inputs["attention_mask"], seq, seq))
-    hidden, _ = tiny_ours.model.prompt_layers(embeds, ms.Tensor(position_ids.astype(np.int32)), mask, keep_last=keep)
-    assert hidden.shape == (batch, n, tiny_ours.config.text_config.hidden_size)
+                                               inputs["video_grid_thw"], mask)
+    shapes = {row: hidden.shape for row, hidden, _ in tiny_ours.prompt_rows(embeds, position_ids, mask, keep_last=keep)}
+    hidden_size = tiny_ours.config.text_config.hidden_size
+    assert shapes == {row: (int(kept_mask[row].sum()), hidden_size) for row in range(batch)}
+    # One row through the text model: keep_last=k gives k positions, the same as the last k of the whole row.
+    row = 1
+    real = np.nonzero(mask[row])[0]
+    row_embeds = ms.ops.gather(embeds.reshape(batch * seq, -1), ms.Tensor((row * seq + real).astype(np.int32)), 0)
+    whole, _ = tiny_ours.model.prompt(row_embeds, position_ids[:, row, real])
+    last, _ = tiny_ours.model.prompt(row_embeds, position_ids[:, row, real], keep_last=min(keep, len(real)))
+    assert whole.shape == (len(real), hidden_size) and last.shape == (min(keep, len(real)), hidden_size)
+    np.testing.assert_allclose(last.asnumpy(), whole.asnumpy()[-last.shape[0]:], rtol=0, atol=1e-5)
 
 
-def test_rotary_tables_path_matches_hf(tiny_hf, tiny_ours, ms_mode, monkeypatch):
-    """Few tokens rotate with per-token matrices, many with cos/sin tables (modeling_text.ROTATION_MATRIX_BYTES);
-    the tiny prompts here take the matrices, so force the tables on a fresh model and compare both with HF."""
-    from mindone_qwen2vl import Qwen2VLForConditionalGeneration, modeling_text
+def hf_mrope_tables(hf_model, position_ids):
+    """HF's cos/sin [3, S] positions -> [S, head_dim], each frequency taken from its M-RoPE axis."""
+    import torch
 
-    inputs = case_inputs("mixed_left_padded_batch")
-    matrices = tiny_ours(**inputs).logits.asnumpy()
-    monkeypatch.setattr(modeling_text, "ROTATION_MATRIX_BYTES", 0)
-    tables = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)(**inputs).logits.asnumpy()
-    ref = hf_logits(tiny_hf[0], **inputs)
-    mask = inputs["attention_mask"]
-    assert rel_err(tables, ref, mask) < TOL
-    assert rel_err(tables, matrices, mask) < 1e-5
+    text = hf_model.model.language_model
+    section = text.config.rope_scaling["mrope_section"] * 2
+    pos = torch.from_numpy(position_ids.astype(np.int64))[:, None]  # [3, 1, S]
+    cos, sin = text.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    pick = lambda t: torch.cat([m[i % 3] for i, m in enumerate(t.split(section, -1))], -1)[0].numpy()  # noqa: E731
+    return pick(cos), pick(sin)
 
 
-def test_prompt_query_blocks_are_exact(tiny_hf, tiny_ours, monkeypatch):
+def test_rotary_tables_match_hf(tiny_hf, tiny_ours, ms_mode):
+    """The decoder's rotary tables (one path for prompts and decode steps: Qwen2VLRotaryEmbedding) are HF's M-RoPE
+    tables, with one row per head of the packed q/k/v projection: query rows carry the attention scale, key rows
+    are the plain tables, value rows are cos 1 / sin 0. Far positions included (float32 angles, as HF)."""
+    rng = np.random.default_rng(0)
+    position_ids = np.concatenate([np.broadcast_to(np.arange(6), (3, 6)),
+                                   np.array([[7, 7, 7], [7, 8, 9], [7, 9, 8]]),
+                                   rng.integers(0, 32768, (3, 7))], axis=1)
+    cos, sin = tiny_ours.model.steps["rotary"](ms.Tensor(position_ids.astype(np.int32)[:, None]))
+    cos, sin = cos.asnumpy(), sin.asnumpy()
+    text = tiny_ours.config.text_config
+    heads, kv, d = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    assert cos.shape == sin.shape == (position_ids.shape[1], heads + 2 * kv, d)
+    ref_cos, ref_sin = hf_mrope_tables(tiny_hf[0], position_ids)
+    scale = np.float32(d) ** np.float32(-0.5)
+    for ours, ref in ((cos, ref_cos), (sin, ref_sin)):
+        np.testing.assert_allclose(ours[:, :heads], np.broadcast_to(ref[:, None] * scale, ours[:, :heads].shape),
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ours[:, heads:heads + kv], np.broadcast_to(ref[:, None], (len(ref), kv, d)),
+                                   rtol=0, atol=1e-6)
+    assert (cos[:, heads + kv:] == 1).all() and (sin[:, heads + kv:] == 0).all()
+
+
+@pytest.mark.parametrize("rows", [2, 5])
+def test_prompt_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch, rows):
     """The decoder's prompt attention in query blocks (long prompts on the eager path) equals one block and HF,
-    padding included."""
+    in a padded batch (each row runs on its own, without its padding, so each has its own blocks)."""
     from mindone_qwen2vl import attention
 
     inputs = case_inputs("mixed_left_padded_batch")
     whole = tiny_ours(**inputs).logits.asnumpy()
-    batch, seq = inputs["input_ids"].shape
+    seq = inputs["input_ids"].shape[1]
     heads = tiny_ours.config.text_config.num_attention_heads
-    # A budget of 5 query rows of batch x heads x seq float32 scores: blocks of 5 positions.
-    monkeypatch.setattr(attention, "SCORES_BUDGET", batch * heads * seq * 4 * 5)
-    assert attention._query_block(batch * heads, seq) == 5 < seq
+    # A budget of `rows` query rows of heads x seq float32 scores for the longest row (its length is seq).
+    monkeypatch.setattr(attention, "SCORES_BUDGET", heads * seq * 4 * rows)
+    blocks = attention.query_blocks(seq, seq, heads)
+    assert blocks == [(a, min(a + rows, seq)) for a in range(0, seq, rows)] and len(blocks) > 2
     blocked = tiny_ours(**inputs).logits.asnumpy()
     mask = inputs["attention_mask"]
     assert rel_err(blocked, whole, mask) < 1e-6

@@ -40,22 +40,26 @@ def test_plan_orders_positions_by_merge_window():
     assert plan.rot_pos.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
 
 
-def test_plan_is_block_diagonal_per_frame():
+def test_plan_groups_frames_of_equal_length():
     plan = vision_plan([(2, 2, 2), (1, 4, 2)])
-    assert plan.frame_lens.tolist() == [4, 4, 8]
-    assert plan.cu_seqlens.tolist() == [0, 4, 8, 16]
-    # Frames padded to the longest (8): padding keys are masked, real rows come back in order.
-    assert plan.key_bias.shape == (3, 8)
-    assert (plan.key_bias[0, :4] == 0).all() and (plan.key_bias[0, 4:] < -1e30).all()
-    assert (plan.key_bias[2] == 0).all()
-    padded_rows = plan.gather_idx.reshape(3, 8)
-    assert padded_rows[1, :4].tolist() == [4, 5, 6, 7]
-    assert padded_rows.reshape(-1)[plan.unpad_idx].tolist() == list(range(16))
+    # Frames of 4, 4 and 8 patches: attention never crosses a frame, and frames of one length form one batch
+    # ([F, L] patch indices), so nothing is padded or masked.
+    assert [g.tolist() for g in plan.groups] == [[[0, 1, 2, 3], [4, 5, 6, 7]], [list(range(8, 16))]]
+    assert plan.blocks == [[(0, 4)], [(0, 8)]]
+    assert plan.unpad is None  # the groups' outputs are in patch order already
+
+
+def test_plan_takes_grouped_outputs_back_to_patch_order():
+    plan = vision_plan([(1, 4, 2), (2, 2, 2)])  # frames of 8, 4, 4: the 4s are grouped first
+    assert [g.shape for g in plan.groups] == [(2, 4), (1, 8)]
+    grouped = np.concatenate([g.reshape(-1) for g in plan.groups])
+    assert grouped[plan.unpad].tolist() == list(range(16))
 
 
 def test_plan_needs_no_padding_for_equal_frames():
     plan = vision_plan([(4, 4, 4)])
-    assert plan.gather_idx is None and plan.max_len == 16
+    assert len(plan.groups) == 1 and plan.groups[0].shape == (4, 16)
+    assert plan.unpad is None
 
 
 def test_plan_rejects_odd_grid():
@@ -68,16 +72,21 @@ def test_pixels_that_do_not_match_the_grid(tiny_ours):
         tiny_ours.get_vision_features(random_pixels([(1, 4, 4)]), [(1, 4, 6)])
 
 
-def test_query_blocks_are_exact(tiny_hf, tiny_ours, monkeypatch):
+def test_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch):
     """Blocked eager attention (used for big images) equals the one-block result and HF."""
     from mindone_qwen2vl import attention
 
     grid = np.array([(1, 8, 12), (1, 4, 4)])
     pixels = random_pixels(grid, seed=9)
     whole = tiny_ours.get_vision_features(pixels, grid).asnumpy()
-    # 2 frames x 4 heads x 96 keys x 4 bytes per query row: a budget of 10 rows forces 10 blocks.
-    monkeypatch.setattr(attention, "SCORES_BUDGET", 2 * 4 * 96 * 4 * 10)
-    assert attention._query_block(2 * 4, 96) == 10
+    # The 96-patch frame: 4 heads x 96 keys x 4 bytes per query row, a budget of 10 rows forces 10 blocks
+    # (the last of 6); the 16-patch frame still fits in one.
+    monkeypatch.setattr(attention, "SCORES_BUDGET", 4 * 96 * 4 * 10)
+    plan = tiny_ours.visual.plan(grid)
+    assert [g.shape for g in plan.groups] == [(1, 16), (1, 96)]
+    assert plan.blocks[0] == [(0, 16)]
+    assert plan.blocks[1] == [(a, min(a + 10, 96)) for a in range(0, 96, 10)]
+    assert plan.unpad is not None
     blocked = tiny_ours.get_vision_features(pixels, grid).asnumpy()
     assert rel_err(blocked, whole) < 1e-6
     assert rel_err(blocked, hf_visual(tiny_hf[0], pixels, grid)) < 1e-5

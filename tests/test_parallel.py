@@ -136,7 +136,8 @@ def test_each_rank_holds_half_of_the_decoder(job):
 
 def test_heads_split_and_kv_heads_replicated(job):
     _, ranks, _ = job
-    for res in ranks:
+    for r, res in enumerate(ranks):
+        assert res["tied/tensor_parallel"].tolist() == [r, 2]
         assert res["tied/heads"].tolist() == [2, 1]
         assert res["kv_replicated/heads"].tolist() == [2, 1]
     # Two KV heads: each rank holds a different one. One KV head: both hold the same copy.
@@ -221,7 +222,7 @@ def test_without_msrun_the_error_says_how_to_launch(tiny_hf, monkeypatch):
         Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False, tensor_parallel_size=2)
     assert init_tensor_parallel(1) == (0, 1) and is_main_rank()
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False, tensor_parallel_size=1)
-    assert not hasattr(model, "tensor_parallel")
+    assert model.tensor_parallel is None  # a size of 1 shards nothing
 
 
 # ---------------------------------------------------------------------------------------------- sliced reads

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from mindone_qwen2vl.modeling_qwen2_vl import get_rope_index
+from mindone_qwen2vl.inputs import get_rope_index
 from tiny import IMAGE, VIDEO, left_pad, vision_block
 
 

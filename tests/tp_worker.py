@@ -47,6 +47,7 @@ def main(out_dir, inputs_path, *checkpoints):
         tp = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False, tensor_parallel_size=2)
         attn = tp.model.layers[0].self_attn
         out[f"{tag}/heads"] = np.array([attn.num_heads, attn.num_kv_heads])
+        out[f"{tag}/tensor_parallel"] = np.array(tp.tensor_parallel)
         d = tp.config.text_config.head_dim
         k_rows = slice(attn.num_heads * d, (attn.num_heads + attn.num_kv_heads) * d)  # k of the packed q/k/v
         out[f"{tag}/k_proj_rows"] = np.asarray(attn.qkv_proj.weight.asnumpy()[k_rows, 0])
