@@ -366,7 +366,7 @@ def main(argv=None):
     p.add_argument("--shape", choices=sorted(SHAPES), default="overhead")
     p.add_argument("--workload", choices=["warm", "mixed"], default="warm")
     p.add_argument("--runners", default=None, help="default: hf,pynative,graph (warm), hf,graph (mixed)")
-    p.add_argument("--new_tokens", type=int, default=None, help="default: 24 (warm, at least 24), 8 (mixed)")
+    p.add_argument("--new_tokens", type=int, default=None, help="default: 64 (warm, at least 24), 8 (mixed)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--requests", type=int, default=32, help="mixed: requests in the stream")
     p.add_argument("--seed", type=int, default=0, help="mixed: the stream's seed")
@@ -380,7 +380,7 @@ def main(argv=None):
     args.skip_vision = [s for s in args.skip_vision.split(",") if s]
     mixed = args.workload == "mixed"
     args.runners = args.runners or ("hf,graph" if mixed else "hf,pynative,graph")
-    args.new_tokens = args.new_tokens or (8 if mixed else 24)
+    args.new_tokens = args.new_tokens or (8 if mixed else 64)
     if not mixed and args.new_tokens < 24:
         p.error("--new_tokens must be at least 24")
     if args.worker:

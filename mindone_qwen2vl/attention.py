@@ -56,9 +56,11 @@ def frame_attention(q, k, v, impl="eager", flash_dtype=ms.float16, kernel=None):
     return out.transpose(1, 2, 0, 3).reshape(-1, heads * d)
 
 
-def prompt_attention(q, k, v, mask, kv_index, impl="eager", flash_dtype=ms.float16, kernel=None):
+def prompt_attention(q, k, v, mask, kv_index, impl="eager", flash_dtype=ms.float16, kernel=None,
+                     per_head_mask=False):
     """Attention of one sequence's queries over its keys, heads first: q [H, Sq, D], k and v [KVH, S, D], mask
-    additive float32 [Sq, S] (0 or MASK_MIN) -> [Sq, H * D]. kv_index [H]: the KV head of each query head.
+    additive float32 [H, Sq, S] (per_head_mask) or [1, Sq, S] (0 or MASK_MIN) -> [Sq, H * D]. kv_index [H]: the KV
+    head of each query head.
 
     Heads first and without reshapes that depend on Sq or S: in a dynamic-shape graph on the CPU backend a
     transpose costs about 4x its static time, and each reshape computed from a dimension costs host-side shape
@@ -66,16 +68,16 @@ def prompt_attention(q, k, v, mask, kv_index, impl="eager", flash_dtype=ms.float
     heads, d = q.shape[0], q.shape[2]
     if impl == "flash_attention_2":
         # BNSD with the KV heads as they are (the kernel takes N2 dividing N1); its mask is boolean, True
-        # where a key is discarded.
+        # where a key is discarded, [B, 1, S1, S2].
         out = kernel(q.expand_dims(0).astype(flash_dtype), k.expand_dims(0).astype(flash_dtype),
-                     v.expand_dims(0).astype(flash_dtype), heads, attn_mask=mask < -1.0, scalar_value=1.0,
-                     input_layout="BNSD", sparse_mode=0)
+                     v.expand_dims(0).astype(flash_dtype), heads, attn_mask=(mask < -1.0).expand_dims(0),
+                     scalar_value=1.0, input_layout="BNSD", sparse_mode=0)
         return out[0].astype(q.dtype).transpose(1, 0, 2).reshape(-1, heads * d)
-    # Keys and values per query head (a gather of the KV heads): the scores [H, Sq, S] then take the mask by a
-    # broadcast (CPU BatchMatMul does not broadcast the grouped layout's batch dimensions).
+    # Keys and values per query head (a gather of the KV heads): the scores [H, Sq, S] then take the mask
+    # elementwise (CPU BatchMatMul does not broadcast the grouped layout's batch dimensions).
     kh, vh = ops.gather(k, kv_index, 0), ops.gather(v, kv_index, 0)
     scores = _bmm_t(q, kh).astype(ms.float32)
-    probs = _softmax_fp32(scores + broadcast(mask, scores), q.dtype)
+    probs = _softmax_fp32(scores + (mask if per_head_mask else broadcast(mask, scores)), q.dtype)
     return _bmm(probs, vh).transpose(1, 0, 2).reshape(-1, heads * d)
 
 

@@ -13,6 +13,7 @@ One call:
           it is compiled once per (batch rows, cache length) bucket for the life of the model (`Runners`).
 Per-token host work has a fixed size ([batch, vocab] logits, [batch] ids): nothing grows with the sequence.
 """
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -28,14 +29,20 @@ from .inputs import to_numpy
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
                    max_new_tokens=None, min_new_tokens=0)
-# Decode steps are compiled per (batch rows, cache length) bucket, both powers of two: a generation of L
-# positions attends over at most 2L cache positions, and a workload touches a few buckets, each compiled once
-# (6-7 s for 28 layers on the development CPU). On the CPU backend attention over the cache costs in proportion
-# to its length (2b-slice decode: 70 ms/token over 256 positions, 77 over 4096; the whole 2B model would pay
-# that 7 times over), so a long generation gets its tight bucket. A short one (at most SHORT_GENERATION new
-# tokens) runs in a longer bucket already compiled instead: its few steps cost less than a compilation.
+# Decode steps are compiled per (batch rows, cache length) bucket, both powers of two, each once for the
+# model's life: 6-7 s for 28 layers on the development CPU. On the CPU backend attention over the cache costs in
+# proportion to its length (overhead shape: 15 ms/token over 256 positions, 20 over 4096; 2b-slice: 70 against
+# 77, which the whole 2B model pays 7 times over), so the tightest bucket decodes fastest; but a compilation
+# costs hundreds of steps. Runners.get rents before it buys: a generation runs in the shortest compiled bucket
+# that holds it as long as the steps run that way for its own bucket (this one's included) stay below what a
+# compilation costs in steps of that bucket (both measured as they happen); then its own bucket is compiled.
+# Until a bucket's costs are measured, a compilation counts as SHORT_GENERATION steps. When no compiled bucket
+# holds a short generation (fewer than SHORT_GENERATION new tokens), the bucket compiled has room to spare (twice the need, and SHORT_CACHE_POSITIONS shared by the rows), so that the next short
+# requests fit it: in a stream of 32 requests of 27 to 2154 prompt tokens and 8 new tokens, one decode
+# compilation instead of five.
 MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
+SHORT_CACHE_POSITIONS = 4096
 
 
 def _power_of_two(n, minimum=1):
@@ -261,7 +268,7 @@ class DecodeOneToken(Step):
 
 
 class Runner:
-    """A KV cache of `rows` x `length` and the decode step over it."""
+    """A KV cache of `rows` x `length`, the decode step over it, and what the step costs (measured)."""
 
     def __init__(self, model, rows, length):
         self.rows, self.length = rows, length
@@ -269,25 +276,60 @@ class Runner:
                                  kv_heads=model.model.layers[0].self_attn.num_kv_heads)
         self.decode = DecodeOneToken(model, self.cache)
         self.decode.fingerprint = self.cache.write_prompt.fingerprint = model.fingerprint
+        self.first_call_s = None  # the first decode call: compilation (GRAPH_MODE) and one step
+        self.step_s = None  # later calls, a running average
+
+    def step(self, *args):
+        """One decode step -> logits as numpy, timed."""
+        t = time.perf_counter()
+        logits = self.decode(*args).asnumpy()
+        elapsed = time.perf_counter() - t
+        if self.first_call_s is None:
+            self.first_call_s = elapsed
+        else:
+            self.step_s = elapsed if self.step_s is None else 0.9 * self.step_s + 0.1 * elapsed
+        return logits
+
+    def steps_per_compilation(self):
+        """How many of this runner's steps a compilation costs; None until both are measured."""
+        if self.first_call_s is None or self.step_s is None:
+            return None
+        return max(0.0, self.first_call_s - self.step_s) / self.step_s
 
 
 class Runners:
     """The model's decode steps and caches by (batch rows, cache length) bucket, kept for the model's life:
-    a workload compiles each bucket it touches once, and memory stops growing once they exist."""
+    a workload compiles the buckets it needs once (see the bucket policy above), and memory stops growing once
+    they exist."""
 
     def __init__(self, model):
         self.model = model
         self.by_shape = {}
+        self.rented = {}  # (rows, length) not compiled -> steps run for it in longer buckets
 
-    def get(self, batch, needed, new_tokens=SHORT_GENERATION + 1) -> Runner:
+    def get(self, batch, needed, new_tokens=SHORT_GENERATION) -> Runner:
         """The runner for `batch` sequences of up to `needed` positions, `new_tokens` of them generated."""
         rows, length = batch_rows(batch), cache_length(needed)
-        if (rows, length) not in self.by_shape and new_tokens <= SHORT_GENERATION:
+        key = (rows, length)
+        if key not in self.by_shape:
             longer = sorted(n for r, n in self.by_shape if r == rows and n > length)
-            length = longer[0] if longer else length
-        if (rows, length) not in self.by_shape:
-            self.by_shape[rows, length] = Runner(self.model, rows, length)
-        return self.by_shape[rows, length]
+            if longer:
+                runner = self.by_shape[rows, longer[0]]
+                budget = runner.steps_per_compilation()
+                budget = SHORT_GENERATION if budget is None else budget  # not measured yet
+                rented = self.rented.get(key, 0) + new_tokens
+                if rented < budget:
+                    self.rented[key] = rented
+                    return runner
+            elif new_tokens < SHORT_GENERATION:
+                key = (rows, cache_length(max(2 * needed, SHORT_CACHE_POSITIONS // rows)))
+        if key not in self.by_shape:
+            self.by_shape[key] = Runner(self.model, *key)
+        return self.by_shape[key]
+
+    def steps_rented(self):
+        """{(rows, length) not compiled: decode steps run for it in longer buckets so far}."""
+        return dict(self.rented)
 
     def graphs(self):
         steps = {}
@@ -387,11 +429,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         for row, hidden, kv in model.prompt_rows(embeds, position_ids, mask, keep_last=1, keep_kv=True):
             runner.cache.write_prompt(Tensor(runner.cache.prompt_rows(row, int(lengths[row]))), *kv)
             last.append(hidden)
-        logits = model.head(ops.cat(last, 0))
+        logits = model.head(ops.cat(last, 0)).asnumpy()
         tokens_in = np.zeros(runner.rows, np.int32)
         position = np.zeros(runner.rows, np.int64)
         for step in range(options.max_new_tokens):
-            tokens = chooser(logits.asnumpy()[:batch], step)
+            tokens = chooser(logits[:batch], step)
             if eos.size and options.pad_token_id is not None:
                 tokens = np.where(unfinished, tokens, options.pad_token_id)
             new[:, step] = tokens
@@ -406,8 +448,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 break
             tokens_in[:batch] = tokens
             position[:batch] = lengths + step
-            logits = runner.decode(Tensor(tokens_in), Tensor(position.astype(np.int32)),
-                                   Tensor((position + deltas).astype(np.int32)))
+            logits = runner.step(Tensor(tokens_in), Tensor(position.astype(np.int32)),
+                                 Tensor((position + deltas).astype(np.int32)))
     finally:
         bar.close()
         if streamer is not None:

@@ -122,12 +122,23 @@ class _CacheSwitch:
 _CACHE = CompileCache()
 
 
+CACHE_VARIABLE = "MINDONE_QWEN2VL_COMPILE_CACHE"
+
+
 def enable_compile_cache(path):
     """Keep compiled graphs in `path` and load them in later processes instead of compiling again (GRAPH_MODE).
-    None turns it off. It is process-wide, like MindSpore's own switch it drives."""
+    None turns it off. It is process-wide, like MindSpore's own switch it drives. A model built while
+    MINDONE_QWEN2VL_COMPILE_CACHE names a folder turns it on with that folder."""
     _CACHE.root = None if path is None else os.path.abspath(os.path.expanduser(str(path)))
     if _CACHE.root:
         os.makedirs(_CACHE.root, exist_ok=True)
+    return _CACHE.root
+
+
+def compile_cache_from_environment():
+    path = os.environ.get(CACHE_VARIABLE)
+    if path and _CACHE.root is None:
+        enable_compile_cache(path)
     return _CACHE.root
 
 

@@ -42,7 +42,7 @@ def broadcast(y, like):
     where on the CPU backend an implicitly broadcasting op is several times slower than broadcast_to and then
     the op (a [279, 1536] x [1536] multiply: 4.2 ms against 0.7; static: 0.8); implicitly in a static graph
     and in pynative mode, where the explicit broadcast would be one more kernel for nothing."""
-    if ops.isconstant(like.shape[0]):
+    if ops.isconstant(like.shape):
         return y
     return ops.broadcast_to(y, like.shape)
 

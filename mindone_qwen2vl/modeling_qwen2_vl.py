@@ -13,7 +13,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
-from .graphs import Step, dynamic
+from .graphs import Step, compile_cache_from_environment, dynamic
 from .inputs import get_rope_index, to_numpy
 from .layers import Linear
 from .modeling_text import Qwen2VLTextModel
@@ -73,6 +73,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
         for step in self.graphs().values():
             step.fingerprint = self.fingerprint
+        compile_cache_from_environment()
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation=None, policy=None,

@@ -114,25 +114,27 @@ def test_prompts_one_after_another(tiny_hf, tiny_ours, ms_mode):
 
 def test_steps_compile_once_for_any_shape(tiny_hf):
     """In GRAPH_MODE the vision, prompt and head steps compile once whatever the image sizes and prompt lengths;
-    the decode step and its prompt write compile once per (batch rows, cache length) bucket. A fresh model, so
-    that the counts are this test's."""
+    the decode step and its prompt write compile once per (batch rows, cache length) bucket, and a short
+    generation reuses a bucket already compiled. A fresh model, so that the counts are this test's."""
     from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+    from mindone_qwen2vl.generation import SHORT_CACHE_POSITIONS
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
     shared = ["vision.embed", "vision.project", "vision.attend", "vision.merger", "text.embed", "text.rotary",
-              "text.project", "text.attend", "head"]
+              "text.project", "text.attend", "text.attend_shared_mask", "head"]
     assert sorted(model.compiled_graphs()) == sorted(shared)  # no bucket before the first generation
-    model.generate(**case_inputs("text_only"), max_new_tokens=2)
-    assert set(model.compiled_graphs().values()) == {0}  # PYNATIVE_MODE compiles nothing
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         out = model.generate(**case_inputs("text_only"), max_new_tokens=40, eos_token_id=[])
         assert out.shape[1] == case_inputs("text_only")["input_ids"].shape[1] + 40
         graphs = model.compiled_graphs()
-        # Every decoder layer of the prompt ran the two shared steps: one graph each.
-        used = ("text.embed", "text.rotary", "text.project", "text.attend", "head", "decode.1x256", "write.1x256")
-        assert graphs == {k: int(k in used) for k in shared + ["decode.1x256", "write.1x256"]}
-        # Other prompt lengths, images of several sizes, a video, forward() (all within the bucket 1 x 256).
+        # Every decoder layer of the prompt ran the two shared steps: one graph each. A short generation with no
+        # bucket to run in compiles one with room for the next ones.
+        bucket = f"1x{SHORT_CACHE_POSITIONS}"
+        used = ("text.embed", "text.rotary", "text.project", "text.attend", "head", f"decode.{bucket}",
+                f"write.{bucket}")
+        assert graphs == {k: int(k in used) for k in shared + [f"decode.{bucket}", f"write.{bucket}"]}
+        # Other prompt lengths, images of several sizes, a video, forward(), a longer generation: no new graph.
         model.generate(input_ids=np.array([[5, 6, 7]]), max_new_tokens=30, eos_token_id=[])
         for case in ("image", "video"):
             model.generate(**case_inputs(case), max_new_tokens=5)
@@ -140,18 +142,42 @@ def test_steps_compile_once_for_any_shape(tiny_hf):
         grid = np.array([IMG_B, (1, 2, 2)])
         model.generate(input_ids=np.array(ids), pixel_values=random_pixels(grid, 8), image_grid_thw=grid,
                        max_new_tokens=5)
+        model.generate(input_ids=np.array([[5, 6, 7, 8]]), max_new_tokens=70, eos_token_id=[])
         model(**case_inputs("image"))
-        assert model.compiled_graphs() == {**{k: 1 for k in shared}, "decode.1x256": 1, "write.1x256": 1}
-        # A new bucket (3 rows -> 4) adds exactly its decode step and its prompt write.
+        expected = {**{k: 1 for k in shared}, "text.attend_shared_mask": 0, f"decode.{bucket}": 1,
+                    f"write.{bucket}": 1}
+        assert model.compiled_graphs() == expected
+        # A new batch size (3 rows -> 4) adds exactly its decode step and its prompt write.
         ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-        assert model.compiled_graphs() == {**{k: 1 for k in shared}, "decode.1x256": 1, "write.1x256": 1,
-                                           "decode.4x256": 1, "write.4x256": 1}
+        rows4 = f"4x{SHORT_CACHE_POSITIONS // 4}"
+        assert model.compiled_graphs() == {**expected, f"decode.{rows4}": 1, f"write.{rows4}": 1}
         # The decode step holds the model as plain attributes: a call walks no sub-cells on the host.
-        runner = model.runners.by_shape[(1, 256)]
+        runner = model.runners.by_shape[(1, SHORT_CACHE_POSITIONS)]
         assert [name for name, _ in runner.decode.cells_and_names()] == [""]
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_bucket_policy_rents_before_it_buys(tiny_ours):
+    """Runners.get: with no bucket compiled, a long generation gets its tightest bucket and a short one a bucket
+    with room; a generation then runs in a longer compiled bucket until the steps run that way for its own
+    bucket cost what a compilation costs (both measured: first_call_s, step_s), and then gets its own."""
+    from mindone_qwen2vl.generation import Runners
+
+    runners = Runners(tiny_ours)
+    assert (runners.get(1, 300, new_tokens=100).rows, runners.get(1, 300, new_tokens=100).length) == (1, 512)
+    assert runners.get(1, 900, new_tokens=8).length == 4096  # short, nothing holds it: room to spare
+    big = runners.by_shape[1, 4096]
+    assert runners.get(1, 1500, new_tokens=8) is big  # not measured yet: a compilation counts as 64 steps
+    big.first_call_s, big.step_s = 1.02, 0.01  # measured: a compilation costs 100 of its steps
+    assert runners.steps_rented() == {(1, 2048): 8}
+    for _ in range(11):
+        assert runners.get(1, 1500, new_tokens=8) is big  # 8 + 11 * 8 = 96 < 100
+    assert runners.get(1, 1500, new_tokens=8).length == 2048  # 104 >= 100: buy
+    assert runners.get(1, 1500, new_tokens=8).length == 2048
+    assert runners.get(1, 200, new_tokens=500).length == 256  # 500 steps cost more than a compilation (of 512)
+    assert runners.get(3, 10, new_tokens=8).rows == 4
 
 
 def test_ms_tensor_in_ms_tensor_out(tiny_ours):
@@ -202,10 +228,13 @@ def test_flash_attention_path_generates_the_same(flash_pair):
     # One batch entry per frame of equal length, no mask: the 3 frames of the video (16 patches each), the two
     # images.
     assert vision == {(3, 16, 16, None), (1, 24, 24, None), (1, 32, 32, None)}
-    # Each prompt row over its own keys with a boolean (S, S) causal mask (the last layer: its last position
-    # only, one mask row), then the decode step: one query per row of the bucket (4 rows) over the whole cache
-    # (256 positions), a boolean (B, 1, 1, L) mask.
+    # Each prompt row over its own keys with a boolean (1, 1, S, S) causal mask (the last layer: its last
+    # position only, one mask row), then the decode step: one query per row of the bucket (4 rows) over the
+    # whole cache, a boolean (B, 1, 1, L) mask.
     lengths = inputs["attention_mask"].sum(-1).tolist()
-    assert text == ({(1, s, s, ((s, s), ms.bool_)) for s in lengths} | {(1, 1, s, ((1, s), ms.bool_)) for s in lengths}
-                    | {(4, 1, 256, ((4, 1, 1, 256), ms.bool_))})
+    (rows, length), = flash.runners.by_shape
+    assert rows == 4
+    assert text == ({(1, s, s, ((1, 1, s, s), ms.bool_)) for s in lengths}
+                    | {(1, 1, s, ((1, 1, 1, s), ms.bool_)) for s in lengths}
+                    | {(4, 1, length, ((4, 1, 1, length), ms.bool_))})
     np.testing.assert_array_equal(ours, eager.generate(**inputs, max_new_tokens=n))
