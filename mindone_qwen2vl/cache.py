@@ -98,10 +98,6 @@ class WritePrompt(Step):
         super().__init__()
         object.__setattr__(self, "cache", cache)  # not a sub-cell: the cache holds this step
 
-    def parameters_dict(self, recurse=True):
-        # What the graph writes, by name (the persistent compile cache binds a loaded graph's parameters by name).
-        return {p.name: p for p in self.cache.get_parameters()}
-
     def specs(self):
         kv, d = self.cache.kv_heads, self.cache.layers[0].shape[3]
         dtype = self.cache.layers[0].key.dtype

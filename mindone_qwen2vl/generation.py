@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 from tqdm.auto import tqdm
 
 from .cache import StaticCache
@@ -249,13 +249,6 @@ class DecodeOneToken(Step):
         object.__setattr__(self, "cache", cache)
         object.__setattr__(self, "lm_head", model.lm_head)
 
-    def parameters_dict(self, recurse=True):
-        # What the graph reads, by name (the persistent compile cache binds a loaded graph's parameters by name).
-        params = {p.name: p for p in self.text.get_parameters()}
-        params.update((p.name, p) for p in self.lm_head.get_parameters())
-        params.update((p.name, p) for p in self.cache.get_parameters())
-        return params
-
     def construct(self, input_ids, cache_position, rope_position):
         """input_ids [B] (each row's last token), cache_position [B] (where it goes in the row's cache),
         rope_position [B] (its rotary position: cache_position + the row's rope delta)."""
@@ -275,7 +268,6 @@ class Runner:
         self.cache = StaticCache(model.config.text_config, rows, length, model.policy.compute_dtype,
                                  kv_heads=model.model.layers[0].self_attn.num_kv_heads)
         self.decode = DecodeOneToken(model, self.cache)
-        self.decode.fingerprint = self.cache.write_prompt.fingerprint = model.fingerprint
         self.first_call_s = None  # the first decode call: compilation (GRAPH_MODE) and one step
         self.step_s = None  # later calls, a running average
 
@@ -286,8 +278,10 @@ class Runner:
         elapsed = time.perf_counter() - t
         if self.first_call_s is None:
             self.first_call_s = elapsed
+        elif self.step_s is None:
+            self.step_s = elapsed
         else:
-            self.step_s = elapsed if self.step_s is None else 0.9 * self.step_s + 0.1 * elapsed
+            self.step_s = 0.9 * self.step_s + 0.1 * elapsed
         return logits
 
     def steps_per_compilation(self):

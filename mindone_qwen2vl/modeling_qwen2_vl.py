@@ -4,7 +4,6 @@ Host work (numpy, inputs.py) happens here, before the device calls: position ids
 grids, the gather table that merges features, the attention mask. The graphs it calls (the vision tower's and
 the decoder's steps, the head) are declared with dynamic shapes, so any request shape reuses them.
 """
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,7 +12,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
-from .graphs import Step, compile_cache_from_environment, dynamic
+from .graphs import Step, dynamic
 from .inputs import get_rope_index, to_numpy
 from .layers import Linear
 from .modeling_text import Qwen2VLTextModel
@@ -39,10 +38,6 @@ class HeadStep(Step):
     def specs(self):
         head = self.model.lm_head
         return (dynamic((None, head.in_features), head.weight.dtype),)
-
-    def parameters_dict(self, recurse=True):
-        cells = (self.model.model.norm, self.model.lm_head)
-        return {p.name: p for cell in cells for p in cell.get_parameters()}
 
     def construct(self, hidden):
         return self.model.lm_head(self.model.model.norm(hidden)).astype(ms.float32)
@@ -71,9 +66,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.tensor_parallel = None  # (rank, size) when sharded over an msrun job (parallel.shard_model)
         object.__setattr__(self, "head", HeadStep(self))
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
-        for step in self.graphs().values():
-            step.fingerprint = self.fingerprint
-        compile_cache_from_environment()
+
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, mindspore_dtype=ms.float32, attn_implementation=None, policy=None,
@@ -216,11 +209,6 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         steps["head"] = self.head
         steps.update(self.runners.graphs())
         return steps
-
-    def fingerprint(self):
-        """What the model's graphs depend on besides their inputs (graphs.CompileCache)."""
-        return repr((dataclasses.asdict(self.config), self.policy.describe(), self.policy.flash_dtype,
-                     getattr(self.policy.flash_kernel, "__qualname__", None), self.tensor_parallel))
 
     def compiled_graphs(self):
         """{step name: graphs compiled so far} (GRAPH_MODE; all 0 in PYNATIVE_MODE)."""

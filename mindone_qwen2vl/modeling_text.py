@@ -235,9 +235,6 @@ class EmbedStep(Step):
     def specs(self):
         return (dynamic((None,), ms.int32),)
 
-    def parameters_dict(self, recurse=True):
-        return {p.name: p for p in self.text.embed_tokens.get_parameters()}
-
     def construct(self, ids):
         return self.text.embed_tokens(ids)
 
