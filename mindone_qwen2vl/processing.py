@@ -19,6 +19,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from .qwen_vl_utils import fetch_image, fetch_video, load_image
+from .qwen_vl_utils.content_items import IMAGE_SOURCE_KEYS, VIDEO_SOURCE_KEYS, is_image_item, vision_items
 from .qwen_vl_utils.sources import describe
 
 __all__ = ["Qwen2VLProcessor", "Qwen2VLVideoProcessor"]
@@ -394,8 +395,9 @@ class Qwen2VLProcessor:
 
         images, videos = [], []
         for conv in conversations:
-            for item in _vision_items(conv):
-                if _is_image_item(item):
+            # The chat template's own item tests: the media loaded match its placeholders one to one.
+            for item in vision_items(conv):
+                if is_image_item(item):
                     images.append(_load_chat_image(item))
                 else:
                     videos.append(_load_chat_video(item, fps, num_frames))
@@ -433,25 +435,6 @@ class Qwen2VLProcessor:
     post_process_image_text_to_text = batch_decode
 
 
-# The chat template's own tests for which items become <|image_pad|> and <|video_pad|>; keeping the
-# same tests here keeps the loaded media in step with the placeholders.
-def _is_image_item(item: dict) -> bool:
-    return item.get("type") == "image" or "image" in item or "image_url" in item
-
-
-def _is_video_item(item: dict) -> bool:
-    return item.get("type") == "video" or "video" in item
-
-
-def _vision_items(conversation):
-    for message in conversation:
-        content = message.get("content")
-        if isinstance(content, (list, tuple)):
-            for item in content:
-                if isinstance(item, dict) and (_is_image_item(item) or _is_video_item(item)):
-                    yield item
-
-
 _RESIZE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 
 
@@ -463,14 +446,14 @@ def _media_source(item: dict, keys, kind: str):
 
 
 def _load_chat_image(item: dict):
-    source = _media_source(item, ("image", "url", "path", "image_url"), "image")
+    source = _media_source(item, IMAGE_SOURCE_KEYS, "image")
     if any(key in item for key in _RESIZE_KEYS):
         return fetch_image({**item, "image": source})
     return load_image(source, exif_transpose=True)
 
 
 def _load_chat_video(item: dict, fps, num_frames):
-    source = _media_source(item, ("video", "url", "path"), "video")
+    source = _media_source(item, VIDEO_SOURCE_KEYS, "video")
     ele = {k: v for k, v in item.items() if k not in ("type", "url", "path")}
     ele["video"] = source
     if "fps" not in ele and "nframes" not in ele:

@@ -7,7 +7,7 @@
     python scripts/test_vqa.py --model_name_or_path ./Qwen2-VL-2B-Instruct --batch_file requests.jsonl --output answers.jsonl
 
 Without --model_name_or_path a tiny model with random weights (built once under ~/.cache/mindone_qwen2vl)
-runs the whole pipeline: the answer is meaningless. All options: --help (mindone_qwen2vl/cli.py).
+runs the whole pipeline: the answer is meaningless. All options: --help (mindone_qwen2vl/cli_args.py).
 Exit codes: 0 done, 1 failure, 2 bad arguments.
 """
 import os

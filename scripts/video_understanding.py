@@ -8,7 +8,7 @@
 
 Frames: --fps (default 2 per second) or --nframes; size: --min_pixels/--max_pixels per frame and
 --total_pixels for the whole video. Without --model_name_or_path a tiny model with random weights runs the
-whole pipeline: the answer is meaningless. All options: --help (mindone_qwen2vl/cli.py).
+whole pipeline: the answer is meaningless. All options: --help (mindone_qwen2vl/cli_args.py).
 Exit codes: 0 done, 1 failure, 2 bad arguments.
 """
 import os

@@ -259,6 +259,10 @@ BATCH_FILES = [
     ('\n[{"role": "user", "content": [{"type": "image", "image": "/no/such.png"}]}]\n',
      "line 2: image file '/no/such.png' does not exist"),
     ('[{"role": "user", "content": [{"type": "video"}]}]\n', "line 1: video item {'type': 'video'} names no file"),
+    # "image_url" names an image file as it does for the processor: plain, or OpenAI style {"url": ...}.
+    ('[{"role": "user", "content": [{"image_url": "/no/such.png"}]}]\n', "line 1: image file '/no/such.png' does not"),
+    ('[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such.png"}}]}]\n',
+     "line 1: image file '/no/such.png' does not exist"),
 ]
 
 
@@ -269,6 +273,26 @@ def test_bad_batch_files(text, message, tmp_path, capsys):
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and path in lines[0], err
+
+
+def test_batch_file_items_are_read_as_the_processor_reads_them(env, tmp_path):
+    """The batch file's image items are the processor's (and the chat template's): an "image_url" key makes one,
+    a "type": "image_url" without that key does not (the template writes no placeholder for it, so the file it
+    names is neither checked nor loaded)."""
+    from mindone_qwen2vl import Qwen2VLProcessor
+    from mindone_qwen2vl.cli_args import build_parser
+    from mindone_qwen2vl.cli_settings import resolve_settings
+
+    content = [{"type": "image_url", "image_url": {"url": IMG1}}, {"image_url": IMG2},
+               {"type": "image_url", "url": "/no/such.jpg"}, {"type": "text", "text": PROMPT}]
+    path = write(tmp_path / "requests.jsonl", json.dumps(user(*content)) + "\n")
+    (request,) = resolve_settings("image", build_parser("image").parse_args(["--batch_file", path, *SMALL])).requests
+    items = request["messages"][0]["content"]
+    assert [i for i, item in enumerate(items) if item.get("max_pixels") == 12544] == [0, 1]  # the flags' image limits
+    processor = Qwen2VLProcessor.from_pretrained(env["folder"])
+    assert processor.apply_chat_template(request["messages"]).count("<|image_pad|>") == 2
+    inputs = processor.apply_chat_template(request["messages"], tokenize=True, return_dict=True)
+    assert len(inputs["image_grid_thw"]) == 2
 
 
 def test_batch_file_conflicts(tmp_path, capsys):

@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from .content_items import IMAGE_SOURCE_KEYS, VIDEO_SOURCE_KEYS, is_image_item, vision_items
 from .image_io import load_image
 from .sources import describe, is_url, local_path, read_url
 from .video_reader import VideoReader, get_video_reader_backend, is_available
@@ -75,18 +76,11 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def _image_source(ele: dict):
-    for key in ("image", "image_url", "url", "path"):
+def _source(ele: dict, keys, kind: str):
+    for key in keys:
         if key in ele:
             return ele[key]
-    raise ValueError(f"image item {ele!r} has none of the keys 'image', 'image_url', 'url', 'path'")
-
-
-def _video_source(ele: dict):
-    for key in ("video", "url", "path"):
-        if key in ele:
-            return ele[key]
-    raise ValueError(f"video item {ele!r} has none of the keys 'video', 'url', 'path'")
+    raise ValueError(f"{kind} item {ele!r} has none of the keys {', '.join(map(repr, keys))}")
 
 
 def _target_size(ele: dict, height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
@@ -98,10 +92,10 @@ def _target_size(ele: dict, height: int, width: int, factor: int, min_pixels: in
 def fetch_image(ele: dict, size_factor: int = IMAGE_FACTOR) -> Image.Image:
     """The RGB image of a content item, resized to multiples of ``size_factor``.
 
-    Item keys: the source (``image``, ``image_url``, ``url`` or ``path``), then ``resized_height`` and
+    Item keys: the source (``image``, ``url``, ``path`` or ``image_url``), then ``resized_height`` and
     ``resized_width``, or ``min_pixels``/``max_pixels`` (defaults MIN_PIXELS, MAX_PIXELS).
     """
-    source = _image_source(ele)
+    source = _source(ele, IMAGE_SOURCE_KEYS, "image")
     image = load_image(source)
     width, height = image.size
     try:
@@ -204,7 +198,7 @@ def fetch_video(ele: dict, image_factor: int = IMAGE_FACTOR, return_video_sample
     list of PIL images, padded to an even count with the last one.
     With ``return_video_sample_fps`` the frames per second actually sampled comes back too.
     """
-    video = _video_source(ele)
+    video = _source(ele, VIDEO_SOURCE_KEYS, "video")
     if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4):
         if len(video) == 0:
             raise ValueError("video item holds an empty list of frames")
@@ -243,28 +237,16 @@ def fetch_video(ele: dict, image_factor: int = IMAGE_FACTOR, return_video_sample
 
 
 def extract_vision_info(conversations: list[dict] | list[list[dict]]) -> list[dict]:
-    """The image and video items of one conversation or a batch of them, in order of appearance."""
+    """The image and video items of one conversation or a batch of them, in order of appearance.
+
+    The items the chat template writes a placeholder for (content_items.py). Upstream also lists items
+    whose only mark is ``"type": "image_url"``, and then ``process_vision_info`` refuses them.
+    """
     if not conversations:
         return []
     if isinstance(conversations[0], dict):
         conversations = [conversations]
-    infos = []
-    for conversation in conversations:
-        for message in conversation:
-            content = message.get("content")
-            if not isinstance(content, list):
-                continue
-            for ele in content:
-                if not isinstance(ele, dict):
-                    continue
-                if (
-                    "image" in ele
-                    or "image_url" in ele
-                    or "video" in ele
-                    or ele.get("type") in ("image", "image_url", "video")
-                ):
-                    infos.append(ele)
-    return infos
+    return [ele for conversation in conversations for ele in vision_items(conversation)]
 
 
 def process_vision_info(conversations: list[dict] | list[list[dict]], return_video_kwargs: bool = False):
@@ -272,7 +254,7 @@ def process_vision_info(conversations: list[dict] | list[list[dict]], return_vid
     ``return_video_kwargs`` also ``{"fps": [sampled fps of each video]}``."""
     images, videos, video_fps = [], [], []
     for ele in extract_vision_info(conversations):
-        if "image" in ele or "image_url" in ele or ele.get("type") in ("image", "image_url"):
+        if is_image_item(ele):
             images.append(fetch_image(ele))
         else:
             frames, fps = fetch_video(ele, return_video_sample_fps=True)
