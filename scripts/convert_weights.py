@@ -19,8 +19,9 @@ def parse_args(argv=None):
     p.add_argument("--dst", required=True, help="folder to create (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="cast the weights (default: keep the checkpoint's own dtype)")
-    p.add_argument("--format", dest="fmt", choices=["ckpt", "safetensors"], default="ckpt",
-                   help="MindSpore .ckpt (default) or MindSpore safetensors")
+    p.add_argument("--format", dest="fmt", choices=["safetensors", "ckpt"], default="safetensors",
+                   help="MindSpore safetensors (default; written tensor by tensor) or MindSpore .ckpt "
+                        "(ms.save_checkpoint, which holds a whole shard in memory)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is done)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reading DST back and comparing every tensor with the source")

@@ -17,9 +17,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from mindone_qwen2vl import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-from mindone_qwen2vl.convert import _bf16_tensor, _to_bf16_bits, convert_checkpoint, verify_checkpoint
-from mindone_qwen2vl.loading import (MindSporeCkptFile, SafetensorsFile, canonical_name, checkpoint_files,
-                                     expected_tensors, open_weights, parameter_pieces, widen_bf16)
+from mindone_qwen2vl.convert import _to_bf16_bits, convert_checkpoint, verify_checkpoint
+from mindone_qwen2vl.loading import canonical_name, checkpoint_files, expected_tensors, parameter_pieces
+from mindone_qwen2vl.weight_files import MindSporeCkptFile, SafetensorsFile, _bf16_tensor, open_weights, widen_bf16
 from tiny import IMAGE, hf_config, hf_logits, hf_model, random_pixels, rel_err, save_checkpoint, vision_block
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -84,7 +84,7 @@ def test_single_safetensors_to_ckpt_text_image_and_processor(tiny_hf, tmp_path):
     for name in os.listdir(TOKENIZER_DIR):
         if name not in ("config.json", "generation_config.json"):
             shutil.copy(os.path.join(TOKENIZER_DIR, name), src)
-    summary = convert(src, dst)
+    summary = convert(src, dst, fmt="ckpt")
 
     side = sorted(f for f in os.listdir(src) if f != "model.safetensors")
     assert sorted(os.listdir(dst)) == sorted(side + ["model.ckpt"])
@@ -153,12 +153,17 @@ def test_sources_convert_and_load_to_hf_logits(small, bin_sharded_src, kind, fmt
 def test_bf16_source_stays_bf16_and_loads_exactly(small, tmp_path):
     hf_bf16 = copy.deepcopy(small).to(torch.bfloat16)
     src = save_checkpoint(hf_bf16, str(tmp_path / "src"), max_shard_size="150KB")
-    convert(src, tmp_path / "dst")
+    assert convert(src, tmp_path / "dst").fmt == "safetensors"  # the default
+    assert all(f.endswith(".safetensors") for f in checkpoint_files(str(tmp_path / "dst")))
     got = tensors_of(tmp_path / "dst")
     want = {canonical_name(k): v.float().numpy() for k, v in hf_bf16.state_dict().items()}
     assert {dtype for dtype, _ in got.values()} == {"BF16"}
     for name, (_, values) in got.items():
         np.testing.assert_array_equal(values, want[name])
+    for path in checkpoint_files(str(tmp_path / "dst")):  # MindSpore's loader reads our bf16 files alike
+        for key, p in ms.load_checkpoint(path, format="safetensors").items():
+            assert p.dtype == ms.bfloat16
+            np.testing.assert_array_equal(p.float().asnumpy(), want[key])
     reference = copy.deepcopy(small)  # the same bf16 weights computed in fp32, as ours (buffers stay fp32)
     with torch.no_grad():
         for p in reference.parameters():
@@ -234,6 +239,22 @@ def test_verification_catches_a_tensor_altered_after_writing(sharded_src, fmt, t
     # Casting is part of what is verified: the fp32 files are not what a bf16 conversion gives.
     with pytest.raises(ValueError, match="verification failed: .* is F32 .* the source gives BF16"):
         verify_checkpoint(sharded_src, dst, dtype="bf16")
+
+
+def test_verification_checks_the_index(sharded_src, tmp_path):
+    dst = tmp_path / "dst"
+    convert(sharded_src, dst)
+    path = dst / "model.safetensors.index.json"
+    with open(path) as f:
+        index = json.load(f)
+    key = "model.layers.1.mlp.down_proj.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][key])
+    index["weight_map"][key] = other
+    with open(path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match=rf"verification failed: .*({key} in {other}, but .* has no such tensor|"
+                                         rf"holds {key}, which .* does not list there)"):
+        verify_checkpoint(sharded_src, dst)
 
 
 def test_ckpt_reader_pieces_crc_trailer_and_scalars(tmp_path):
@@ -386,7 +407,8 @@ def test_existing_dst_needs_overwrite(main, sharded_src, tmp_path, capsys):
     assert err == [f"convert_weights: error: {dst} already exists (pass --overwrite to replace it)"]
     assert os.listdir(dst) == ["keep.txt"]
     assert main(["--src", sharded_src, "--dst", str(dst), "--no-progress", "--overwrite"]) == 0
-    assert "keep.txt" not in os.listdir(dst) and "model.ckpt.index.json" in os.listdir(dst)
+    # safetensors by default
+    assert "keep.txt" not in os.listdir(dst) and "model.safetensors.index.json" in os.listdir(dst)
     assert sorted(os.listdir(tmp_path)) == ["dst"]  # neither the temporary folder nor the replaced one remain
 
 

@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mindone_qwen2vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-from mindone_qwen2vl.loading import SafetensorsFile, canonical_name
+from mindone_qwen2vl.loading import canonical_name, checkpoint_files, parameter_pieces
+from mindone_qwen2vl.weight_files import SafetensorsFile
 from tiny import hf_config, hf_logits, hf_model, rel_err, save_checkpoint
 
 IDS = np.array([[151644, 872, 198, 74785, 419, 2168, 13, 151645]])
@@ -84,6 +85,22 @@ def test_bf16_checkpoint_loads_exactly(tiny_hf, tmp_path):
     ours = load(tmp_path)
     packed = ours.model.layers[0].mlp.gate_up_proj.weight.asnumpy()
     np.testing.assert_array_equal(packed[want.shape[0]:], want)  # up_proj is the second half of gate_up_proj
+
+
+def test_ckpt_written_by_mindspore_loads_exactly(tiny_hf, tmp_path):
+    """A .ckpt as ms.save_checkpoint writes it (bf16, with its CRC trailer) loads through our streaming reader
+    (weight_files.MindSporeCkptFile) to the values ms.load_checkpoint gives, bit for bit."""
+    source = load_file(os.path.join(tiny_hf[1], "model.safetensors"))
+    items = [{"name": k, "data": ms.Tensor(v, dtype=ms.bfloat16)} for k, v in source.items()]
+    ms.save_checkpoint(items, str(tmp_path / "model.ckpt"), crc_check=True)
+    shutil.copy(os.path.join(tiny_hf[1], "config.json"), tmp_path)
+    assert checkpoint_files(str(tmp_path)) == [str(tmp_path / "model.ckpt")]
+    ours = load(tmp_path)
+    theirs = ms.load_checkpoint(str(tmp_path / "model.ckpt"), crc_check=True)
+    pieces = parameter_pieces(ours)
+    for p in ours.get_parameters():  # a packed projection is its pieces' rows, in order
+        want = np.concatenate([theirs[name].float().asnumpy() for name, *_ in pieces[p.name]])
+        np.testing.assert_array_equal(p.float().asnumpy(), want, err_msg=p.name)
 
 
 def test_packed_projections_hold_the_checkpoint_rows(tiny_hf, tiny_ours):

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from mindone_qwen2vl import Qwen2VLForConditionalGeneration
 from mindone_qwen2vl.config import Qwen2VLTextConfig
-from mindone_qwen2vl.loading import MindSporeCkptFile, SafetensorsFile
+from mindone_qwen2vl.weight_files import MindSporeCkptFile, SafetensorsFile
 from mindone_qwen2vl.parallel import check_tensor_parallel, head_layout, init_tensor_parallel, is_main_rank
 from tiny import IMAGE, VIDEO, hf_config, hf_logits, hf_model, left_pad, random_pixels, rel_err, save_checkpoint, \
     vision_block
