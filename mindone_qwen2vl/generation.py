@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .cache import StaticCache
 from .graphs import Step
-from .inputs import to_numpy
+from .inputs import check_inputs
 
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
@@ -337,30 +337,6 @@ class Runners:
 
 
 # ---------------------------------------------------------------------------------------------- generate
-def _prompt(input_ids, attention_mask):
-    if input_ids is None:
-        raise ValueError("generate needs input_ids (the processor's output: model.generate(**inputs))")
-    ids = to_numpy(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer token ids of shape [batch, seq], got {ids.dtype} {ids.shape}")
-    ids = ids.astype(np.int64)
-    if attention_mask is None:
-        return ids, np.ones_like(ids)
-    mask = to_numpy(attention_mask).astype(np.int64)
-    if mask.shape != ids.shape:
-        mask = mask.reshape(ids.shape) if mask.size == ids.size else None
-    if mask is None or not np.isin(mask, (0, 1)).all():
-        raise ValueError(f"attention_mask must be 0/1 of the shape of input_ids {ids.shape}, got "
-                         f"{to_numpy(attention_mask).shape}")
-    if not mask[:, -1].all():
-        rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
-        raise ValueError(f"rows {rows} of the batch end in padding: generation needs left padding "
-                         "(processor/tokenizer padding_side='left')")
-    return ids, mask
-
-
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None, min_new_tokens=None,
              max_length=None, do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
@@ -384,10 +360,15 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
     if not use_cache:
         raise ValueError("use_cache=False is not supported: generation always uses the static KV cache")
-    ids, mask = _prompt(input_ids, attention_mask)
+    ids, mask, images, videos = check_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                             pixel_values_videos, video_grid_thw)
+    if not mask[:, -1].all():
+        rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
+        raise ValueError(f"rows {rows} of the batch end in padding: generation needs left padding "
+                         "(processor/tokenizer padding_side='left')")
+    pixel_values, image_grid_thw = images or (None, None)
+    pixel_values_videos, video_grid_thw = videos or (None, None)
     batch, seq = ids.shape
-    if not mask.any(-1).all():
-        raise ValueError(f"rows {np.nonzero(~mask.any(-1))[0].tolist()} of attention_mask are all padding")
     options = resolve_options(model, seq, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                               max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,

@@ -99,3 +99,76 @@ def causal_mask(attention_mask, query_len, key_len, past_len=0):
     allowed = np.arange(key_len)[None, :] <= q_pos
     allowed = allowed[None] & (attention_mask[:, None, :key_len] == 1)
     return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+
+
+def _int_array(value, name):
+    arr = to_numpy(value)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def check_inputs(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None):
+    """The model's inputs checked before any device work, each problem a ValueError naming the argument, what
+    was expected and what was found. -> (input_ids [B, S] int64, attention_mask [B, S] int64, images, videos),
+    images and videos each None or (pixels [N, C*T*P*P] float32, grid [n, 3] int64)."""
+    if input_ids is None:
+        raise ValueError("input_ids is required (the processor's output: model(**inputs) / model.generate(**inputs))")
+    ids = _int_array(input_ids, "input_ids")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}")
+    vocab = config.text_config.vocab_size
+    bad = np.argwhere((ids < 0) | (ids >= vocab))
+    if len(bad):
+        b, s = bad[0]
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the vocabulary), found {int(ids[b, s])} at "
+                         f"[{b}, {s}]" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = _int_array(attention_mask, "attention_mask")
+        if mask.size != ids.size:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        mask = mask.reshape(ids.shape)
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must hold 0 and 1 only, found {sorted(set(np.unique(mask)) - {0, 1})}")
+        empty = np.nonzero(~mask.any(-1))[0]
+        if len(empty):
+            raise ValueError(f"attention_mask rows {empty.tolist()} are all padding")
+    vision = config.vision_config
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    media = []
+    for kind, pixels, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
+        pname = "pixel_values" if kind == "image" else "pixel_values_videos"
+        gname = f"{kind}_grid_thw"
+        if pixels is None and grid is None:
+            media.append(None)
+            continue
+        if pixels is None or grid is None:
+            raise ValueError(f"{pname} and {gname} go together: got only {gname if pixels is None else pname}")
+        g = _int_array(grid, gname)
+        if g.ndim == 1 and g.size == 3:
+            g = g[None]
+        if g.ndim != 2 or g.shape[1] != 3 or len(g) == 0:
+            raise ValueError(f"{gname} must be [items, 3] (t, h, w per {kind}), got shape {tuple(g.shape)}")
+        merge = vision.spatial_merge_size
+        if (g < 1).any() or (g[:, 1:] % merge).any():
+            row = int(np.nonzero((g < 1).any(-1) | (g[:, 1:] % merge).any(-1))[0][0])
+            raise ValueError(f"{gname} row {row} is {g[row].tolist()}: t, h and w must be >= 1 and h, w multiples of "
+                             f"{merge}")
+        p = to_numpy(pixels)
+        if not np.issubdtype(p.dtype, np.floating):
+            raise ValueError(f"{pname} must be floating point, got dtype {p.dtype}")
+        patches = int(g.prod(-1).sum())
+        if p.ndim != 2 or p.shape != (patches, width):
+            raise ValueError(f"{pname} must be [{patches}, {width}] for {gname} {g.tolist()} (patches x channels * "
+                             f"temporal patch * patch^2), got shape {tuple(p.shape)}")
+        p = p.astype(np.float32)
+        if not np.isfinite(p).all():
+            raise ValueError(f"{pname} holds {int((~np.isfinite(p)).sum())} values that are not finite (NaN or inf)")
+        media.append((p, g))
+    return ids, mask, media[0], media[1]

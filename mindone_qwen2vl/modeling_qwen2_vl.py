@@ -4,6 +4,8 @@ Host work (numpy, inputs.py) happens here, before the device calls: position ids
 grids, the gather table that merges features, the attention mask. The graphs it calls (the vision tower's and
 the decoder's steps, the head) are declared with dynamic shapes, so any request shape reuses them.
 """
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,11 +15,24 @@ from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
 from .graphs import Step, dynamic
-from .inputs import get_rope_index, to_numpy
+from .inputs import check_inputs, get_rope_index, to_numpy
 from .layers import Linear
 from .modeling_text import Qwen2VLTextModel
 from .modeling_vision import Qwen2VisionTransformer
 from .precision import PrecisionPolicy, resolve_policy
+
+
+def serialized(method):
+    """Calls of `method` on one model run one at a time, from any threads: MindSpore's runtime is not safe for
+    two threads running one model's graphs at once (in pynative mode that gave wrong answers, "pointer[runtime_info]
+    is null" errors and crashes)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -64,6 +79,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.name_or_path = None  # the folder loaded from (loading.load_pretrained)
         self.generation_config = {}  # its generation_config.json, read once at load
         self.tensor_parallel = None  # (rank, size) when sharded over an msrun job (parallel.shard_model)
+        self.lock = threading.RLock()  # see `serialized`
         object.__setattr__(self, "head", HeadStep(self))
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
 
@@ -97,6 +113,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
                               vision_start_token_id=c.vision_start_token_id,
                               spatial_merge_size=c.vision_config.spatial_merge_size)
 
+    @serialized
     def get_vision_features(self, pixel_values, grid_thw):
         """Merged vision features [sum(t*h*w)/4, hidden] for images or videos (or both concatenated)."""
         grid = to_numpy(grid_thw, np.int64).reshape(-1, 3)
@@ -151,12 +168,14 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         table = ops.cat((embeds, features))
         return ops.gather(table, Tensor(index), 0).reshape(batch, seq, -1)
 
+    @serialized
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """Token ids with the prompt first, like HF's generate; see generation.generate for the options."""
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
+    @serialized
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep=0, **unused):
         """Logits [batch, seq, vocab] float32; `logits_to_keep=n` (n > 0) keeps only the last n positions, as
@@ -165,13 +184,11 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position; HF's tensor of indices is not "
                              f"supported), got {logits_to_keep!r}")
-        ids = to_numpy(input_ids, np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        ids, mask, images, videos = check_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                 pixel_values_videos, video_grid_thw)
+        pixel_values, image_grid_thw = images or (None, None)
+        pixel_values_videos, video_grid_thw = videos or (None, None)
         batch, seq = ids.shape
-        mask = np.ones_like(ids) if attention_mask is None else to_numpy(attention_mask, np.int64).reshape(batch, seq)
         embeds = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         rope_deltas = None
         if position_ids is None:

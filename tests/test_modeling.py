@@ -100,7 +100,10 @@ def test_mismatched_image_tokens_and_features(tiny_ours):
 def test_video_tokens_without_pixels(tiny_ours):
     inputs = case_inputs("video")
     inputs.pop("pixel_values_videos")
-    with pytest.raises(ValueError, match="video tokens but no video pixel values"):
+    with pytest.raises(ValueError, match="pixel_values_videos and video_grid_thw go together: got only video_grid_thw"):
+        tiny_ours(**inputs)
+    inputs.pop("video_grid_thw")
+    with pytest.raises(ValueError, match="input_ids hold 12 video tokens but no video pixel values were given"):
         tiny_ours(**inputs)
 
 
