@@ -1,0 +1,291 @@
+"""The engine: requests from any thread, one thread running the model, continuous batching.
+
+The engine holds a KV cache of `max_batch` rows ("slots") of `max_len` positions and loops:
+  admit  a waiting request takes a free slot: its prompt (vision tower included) runs through the prompt steps
+         and its keys and values are written to the slot's cache rows; its first token comes from that
+  step   one decode step for every slot at once (idle slots decode a pad token at position 0 of their own row);
+         each request picks its next token with its own options; a finished or cancelled request frees its
+         slot at once, and a waiting one can take it before the next step
+Each slot has its own position and rope delta, so requests join and leave the running batch at any step; the
+decode step keeps its shapes and is compiled once for the engine (GRAPH_MODE). A request's greedy tokens do not
+depend on what else runs: every row of a step is computed alone.
+
+Requests yield events (`Request.events()`): ("token", id, text added) as tokens come, then ("done", finish
+reason, usage) or ("error", exception). Nothing here knows HTTP; serving.py is a thin layer over it.
+"""
+import collections
+import itertools
+import threading
+
+import numpy as np
+from mindspore import Tensor
+
+from .generation import Runner, TokenChooser, batch_rows, resolve_options
+from .inputs import check_inputs
+
+DEFAULT_MAX_LEN = 4096
+
+
+class EngineFull(RuntimeError):
+    """The engine's queue of waiting requests is full."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped before the request finished."""
+
+
+class Request:
+    """One submitted generation: iterate `events()` (or call `result()`) from any thread; `cancel()` frees its
+    slot at the next step."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ids, images, videos, options, stop, seed):
+        self.id = next(self._ids)
+        self.ids, self.images, self.videos = ids, images, videos
+        self.options, self.stop, self.seed = options, tuple(stop or ()), seed
+        self.tokens = []
+        self.text = ""
+        self.finish_reason = None
+        self.cancelled = False
+        self._events = collections.deque()
+        self._cond = threading.Condition()
+
+    @property
+    def prompt_tokens(self):
+        return int(self.ids.shape[1])
+
+    def cancel(self):
+        self.cancelled = True
+
+    def _put(self, event):
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def events(self, timeout=None):
+        """("token", id, text added), then ("done", finish_reason, usage) or ("error", exception)."""
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._events, timeout):
+                    raise TimeoutError(f"request {self.id}: no event in {timeout} s")
+                event = self._events.popleft()
+            yield event
+            if event[0] in ("done", "error"):
+                return
+
+    def result(self, timeout=None):
+        """-> (generated token ids, text, finish reason); raises the request's error."""
+        for event in self.events(timeout):
+            if event[0] == "error":
+                raise event[1]
+        return list(self.tokens), self.text, self.finish_reason
+
+
+class _Slot:
+    """What the engine keeps for a request while it holds a slot."""
+
+    def __init__(self, request, chooser, position, delta, eos):
+        self.request, self.chooser = request, chooser
+        self.position, self.delta, self.eos = position, delta, eos
+        self.step = 0
+        self.last = 0
+        self.emitted = 0  # characters of the decoded text already sent
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of `max_len` positions on one model thread.
+
+    tokenizer: to decode text for the events and to apply stop strings (None: token ids only).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_len=DEFAULT_MAX_LEN):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
+        self.rows = batch_rows(max_batch)
+        self.runner = Runner(model, self.rows, max_len)
+        self.slots = [None] * self.max_batch
+        self.waiting = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = None
+        self.counters = collections.Counter()  # finished requests by reason, prompt and generated tokens
+
+    # ------------------------------------------------------------------------------------------------ callers
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="mindone-qwen2vl-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout=None):
+        """Stop the loop; requests still running or waiting end with an EngineStopped error."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def submit(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               pixel_values_videos=None, video_grid_thw=None, *, stop=None, seed=None, **options) -> Request:
+        """One conversation (the processor's output for one row) and generate()'s options (max_new_tokens,
+        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, min_new_tokens) plus `stop`
+        (strings; needs the tokenizer) and `seed`. Checked here, on the caller's thread: a bad request raises
+        ValueError before it is queued; a full queue raises EngineFull."""
+        ids, mask, images, videos = check_inputs(self.model.config, input_ids, attention_mask, pixel_values,
+                                                 image_grid_thw, pixel_values_videos, video_grid_thw)
+        if ids.shape[0] != 1:
+            raise ValueError(f"submit takes one conversation, got a batch of {ids.shape[0]}")
+        if not mask.all():
+            ids = ids[:, mask[0] == 1]
+        unknown = set(options) - {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                  "repetition_penalty", "eos_token_id"}
+        if unknown:
+            raise TypeError(f"submit() got unsupported options: {', '.join(sorted(unknown))}")
+        resolved = resolve_options(self.model, ids.shape[1], pad_token_id=None, max_length=None, **options)
+        if ids.shape[1] + resolved.max_new_tokens > self.max_len:
+            raise ValueError(f"the prompt is {ids.shape[1]} tokens and max_new_tokens {resolved.max_new_tokens}: more "
+                             f"than the engine's {self.max_len} positions per request")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer")
+        if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop)):
+            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+        request = Request(ids, images, videos, resolved, stop, seed)
+        with self.cond:
+            if self.stopping:
+                raise EngineStopped("the engine is stopped")
+            if len(self.waiting) >= self.max_queue:
+                raise EngineFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            self.waiting.append(request)
+            self.cond.notify_all()
+        return request
+
+    def stats(self):
+        with self.cond:
+            return dict(running=sum(s is not None for s in self.slots), waiting=len(self.waiting),
+                        **dict(self.counters))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _loop(self):
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stopping or self.waiting or any(self.slots))
+                    if self.stopping:
+                        break
+                    admitted = []
+                    while self.waiting and None in self.slots:
+                        request = self.waiting.popleft()
+                        if request.cancelled:
+                            self._end(request, "cancelled")
+                            continue
+                        slot = self.slots.index(None)
+                        self.slots[slot] = request  # reserved; its state comes with the prefill
+                        admitted.append((slot, request))
+                for slot, request in admitted:
+                    self._run(slot, request, self._prefill)
+                if any(isinstance(s, _Slot) for s in self.slots):
+                    self._decode()
+        finally:
+            with self.cond:
+                pending = list(self.waiting) + [s.request if isinstance(s, _Slot) else s for s in self.slots if s]
+                self.waiting.clear()
+                self.slots = [None] * self.max_batch
+            for request in pending:
+                request._put(("error", EngineStopped("the engine stopped before the request finished")))
+
+    def _run(self, slot, request, fn):
+        try:
+            fn(slot, request)
+        except Exception as error:  # this request's failure, not the engine's: free its slot and report it
+            self.slots[slot] = None
+            request._put(("error", error))
+
+    def _prefill(self, slot, request):
+        model, options = self.model, request.options
+        (pixels, grid), (vpixels, vgrid) = request.images or (None, None), request.videos or (None, None)
+        mask = np.ones_like(request.ids)
+        with model.lock:
+            embeds = model.embed(request.ids, pixels, grid, vpixels, vgrid)
+            positions, deltas = model.get_rope_index(request.ids, grid, vgrid, mask)
+            (_, hidden, kv), = model.prompt_rows(embeds, positions, mask, keep_last=1, keep_kv=True)
+            cache = self.runner.cache
+            cache.write_prompt(Tensor(cache.prompt_rows(slot, request.prompt_tokens)), *kv)
+            logits = model.head(hidden).asnumpy()
+        rng = np.random.default_rng(request.seed) if options.do_sample else None
+        chooser = TokenChooser(options, request.ids, model.config.text_config.vocab_size, rng)
+        state = _Slot(request, chooser, request.prompt_tokens, int(deltas[0, 0]), set(options.eos_token_id))
+        self.slots[slot] = state
+        self.counters["prompt_tokens"] += request.prompt_tokens
+        self._take(slot, state, logits[0])
+
+    def _decode(self):
+        tokens = np.zeros(self.rows, np.int32)
+        position = np.zeros(self.rows, np.int64)
+        delta = np.zeros(self.rows, np.int64)
+        for i, state in enumerate(self.slots):
+            if isinstance(state, _Slot):
+                tokens[i], position[i], delta[i] = state.last, state.position, state.delta
+        with self.model.lock:
+            logits = self.runner.step(Tensor(tokens), Tensor(position.astype(np.int32)),
+                                      Tensor((position + delta).astype(np.int32)))
+        for i, state in enumerate(self.slots):
+            if isinstance(state, _Slot):
+                state.position += 1
+                self._run(i, state.request, lambda slot, _: self._take(slot, state, logits[slot]))
+
+    def _take(self, slot, state, logits):
+        """The request's next token from its logits row: record it, send it, and end the request if it is done."""
+        request = state.request
+        if request.cancelled:
+            return self._finish(slot, state, "cancelled")
+        token = int(state.chooser(logits[None], state.step)[0])
+        state.chooser.observe(np.array([token]))
+        state.step += 1
+        state.last = token
+        request.tokens.append(token)
+        self.counters["generated_tokens"] += 1
+        reason = None
+        if token in state.eos:
+            reason = "stop"
+        elif state.step >= request.options.max_new_tokens:
+            reason = "length"
+        added, stopped = self._text(state, final=reason is not None)
+        request._put(("token", token, added))
+        if stopped:
+            reason = "stop"
+        if reason:
+            self._finish(slot, state, reason)
+
+    def _text(self, state, final):
+        """Text added by the latest token, held back while it could still be the start of a stop string or an
+        incomplete character. -> (text to send, whether a stop string ended the request)."""
+        request = state.request
+        if self.tokenizer is None:
+            return "", False
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, final = text[:cut], True
+        safe = len(text)
+        if not final:
+            hold = max((len(s) - 1 for s in request.stop), default=0)
+            safe = len(text.rstrip("\ufffd")) - hold
+        added = text[state.emitted:max(safe, state.emitted)]
+        state.emitted += len(added)
+        request.text = text[:state.emitted]
+        return added, cut >= 0
+
+    def _finish(self, slot, state, reason):
+        self.slots[slot] = None
+        self._end(state.request, reason)
+
+    def _end(self, request, reason):
+        request.finish_reason = reason
+        self.counters[f"finished_{reason}"] += 1
+        usage = dict(prompt_tokens=request.prompt_tokens, completion_tokens=len(request.tokens),
+                     total_tokens=request.prompt_tokens + len(request.tokens))
+        request._put(("done", reason, usage))

@@ -1,0 +1,146 @@
+"""engine.py: continuous batching on one model thread. A request's greedy tokens are those of generate() for it
+alone, whether it runs alone, in a full batch, or joins one mid-way; options, stop strings, cancellation, a full
+queue and errors stay per request."""
+import os
+import threading
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from test_generation import case_inputs
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mindone_qwen2vl", "assets",
+                      "qwen2-vl-2b-instruct")
+N = 6
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS)
+
+
+def rows():
+    """Single conversations: the cases' rows, and the mixed batch's rows without their padding."""
+    out = [case_inputs(c) for c in ("image", "video", "text_only")]
+    batch = case_inputs("mixed_left_padded_batch")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out.append(dict(input_ids=ids[2:3, mask[2] == 1]))  # the text-only row
+    return out
+
+
+def alone(model, inputs, n=N):
+    ids = model.generate(**inputs, max_new_tokens=n, eos_token_id=[])
+    return ids[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(params=["graph"])
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_greedy_tokens_alone_batched_and_joining(tiny_ours, graph_mode):
+    from mindone_qwen2vl.engine import Engine
+
+    conversations = rows() * 2  # 8 requests on 3 slots: most wait, and join a running batch mid-way
+    expected = [alone(tiny_ours, c) for c in conversations]
+    engine = Engine(tiny_ours, max_batch=3, max_len=512).start()
+    try:
+        requests = [engine.submit(**c, max_new_tokens=N, eos_token_id=[]) for c in conversations]
+        for request, want in zip(requests, expected):
+            tokens, _, reason = request.result(timeout=300)
+            assert tokens == want and reason == "length"
+        # Alone in the engine: the same again.
+        assert engine.submit(**conversations[0], max_new_tokens=N, eos_token_id=[]).result(300)[0] == expected[0]
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["waiting"] == 0 and stats["finished_length"] == 9
+        assert engine.runner.decode.compiled() == 1  # one decode graph for every mix of requests
+    finally:
+        engine.stop()
+
+
+def test_threads_submit_and_get_their_answers(tiny_ours, graph_mode):
+    from mindone_qwen2vl.engine import Engine
+
+    conversations = rows()
+    expected = [alone(tiny_ours, c) for c in conversations]
+    engine = Engine(tiny_ours, max_batch=4, max_len=512).start()
+    results = {}
+    try:
+        def client(i):
+            results[i] = engine.submit(**conversations[i % 4], max_new_tokens=N, eos_token_id=[]).result(300)[0]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert {i: results[i] for i in range(8)} == {i: expected[i % 4] for i in range(8)}
+    finally:
+        engine.stop()
+
+
+def test_stop_strings_cancel_eos_and_sampling(tiny_ours, tokenizer, graph_mode):
+    from mindone_qwen2vl.engine import Engine
+
+    conversation = rows()[0]
+    engine = Engine(tiny_ours, tokenizer=tokenizer, max_batch=2, max_len=512).start()
+    try:
+        tokens, text, reason = engine.submit(**conversation, max_new_tokens=12, eos_token_id=[]).result(300)
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True) and reason == "length"
+        # A stop string: the text ends before it, the request ends there.
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        assert stop.strip()
+        _, stopped, reason = engine.submit(**conversation, max_new_tokens=12, eos_token_id=[], stop=[stop]).result(300)
+        assert reason == "stop" and stopped == text[:text.find(stop)]
+        # The streamed pieces add up to the text.
+        request = engine.submit(**conversation, max_new_tokens=12, eos_token_id=[])
+        pieces = [e[2] for e in request.events(300) if e[0] == "token"]
+        assert "".join(pieces) == text
+        # An eos id ends the request with "stop" at that token.
+        first = tokens[3]
+        eos_tokens, _, reason = engine.submit(**conversation, max_new_tokens=12, eos_token_id=[first]).result(300)
+        assert reason == "stop" and eos_tokens == tokens[:tokens.index(first) + 1]
+        # Cancelled after its first token: it ends, and the next request still runs.
+        request = engine.submit(**conversation, max_new_tokens=400, eos_token_id=[])
+        next(request.events(300))
+        request.cancel()
+        assert request.result(300)[2] == "cancelled"
+        assert engine.submit(**conversation, max_new_tokens=12, eos_token_id=[]).result(300)[0] == tokens
+        # Sampling with a seed repeats itself.
+        a = engine.submit(**conversation, max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, seed=5)
+        b = engine.submit(**conversation, max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, seed=5)
+        assert a.result(300)[0] == b.result(300)[0]
+    finally:
+        engine.stop()
+
+
+def test_bad_requests_are_refused_before_they_are_queued(tiny_ours):
+    from mindone_qwen2vl.engine import Engine, EngineFull
+
+    engine = Engine(tiny_ours, max_batch=1, max_queue=2, max_len=64)  # not started: requests stay queued
+    conversation = rows()[3]
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        engine.submit(input_ids=np.array([[1, 999999]]))
+    with pytest.raises(ValueError, match="more than the engine's 64 positions per request"):
+        engine.submit(**conversation, max_new_tokens=100)
+    with pytest.raises(ValueError, match="stop strings need the engine's tokenizer"):
+        engine.submit(**conversation, max_new_tokens=4, stop=["x"])
+    with pytest.raises(TypeError, match="unsupported options: num_beams"):
+        engine.submit(**conversation, num_beams=2)
+    with pytest.raises(ValueError, match="submit takes one conversation"):
+        engine.submit(**case_inputs("mixed_left_padded_batch"))
+    engine.submit(**conversation, max_new_tokens=4)
+    engine.submit(**conversation, max_new_tokens=4)
+    with pytest.raises(EngineFull, match="2 requests are waiting"):
+        engine.submit(**conversation, max_new_tokens=4)
+    waiting = list(engine.waiting)
+    engine.start()
+    engine.stop()
+    for request in waiting:  # stopped before they ran: each ends with an error, nothing hangs
+        events = list(request.events(60))
+        assert events[-1][0] in ("done", "error")
