@@ -33,7 +33,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "av"],
+        # scripts/serve.py: the OpenAI-compatible server
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
+        # the tests talk to the real server with the official client
+        "test": ["pytest", "torch==2.13.0", "av", "fastapi", "uvicorn", "prometheus_client", "openai", "httpx"],
         "convert": ["torch"],
     },
 )

@@ -1,0 +1,469 @@
+"""An OpenAI-compatible HTTP server over the engine (engine.py): FastAPI + uvicorn, Server-Sent Events for
+streaming, Prometheus metrics.
+
+    python scripts/serve.py [--model_name_or_path DIR] [--port 8000] [--max_batch 8] ...
+
+The HTTP layer only translates: OpenAI chat messages become the processor's conversation (media fetched and
+checked on the request's own thread, before anything is queued), options become the engine's, and the engine's
+events become OpenAI responses or `chat.completion.chunk` events. Errors use OpenAI's format.
+"""
+import argparse
+import asyncio
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_CHOICES = 4
+
+
+# ---------------------------------------------------------------------------------------------- request schema
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, List[Dict[str, Any]], None] = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: List[ChatMessage]
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: Optional[int] = None
+    stop: Union[str, List[str], None] = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    # extensions, as vLLM accepts them in the body
+    top_k: Optional[int] = Field(default=None, ge=0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
+    min_pixels: Optional[int] = Field(default=None, ge=1)
+    max_pixels: Optional[int] = Field(default=None, ge=1)
+    fps: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "logprobs", "top_logprobs", "response_format", "logit_bias")
+
+
+class RequestError(Exception):
+    """A client error: HTTP status, OpenAI error type, the parameter it concerns, a message naming it."""
+
+    def __init__(self, status, message, param=None, kind="invalid_request_error", code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+
+def error_body(message, kind="invalid_request_error", param=None, code=None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def media_source(url, where, kind, allowed_local):
+    """The URL of an image or video part, checked: http(s), data URLs for images, and local files only under
+    `allowed_local` (a server must not read any file a client names)."""
+    if not isinstance(url, str) or not url:
+        raise RequestError(400, f"{where}: expected a non-empty URL string", param="messages")
+    if url.startswith(("http://", "https://")):
+        return url
+    if url.startswith("data:"):
+        if kind == "image" and url.startswith("data:image/"):
+            return url
+        raise RequestError(400, f"{where}: only data:image/... URLs are accepted (for images)", param="messages")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in path:
+        raise RequestError(400, f"{where}: unsupported URL scheme in {url[:40]!r}", param="messages")
+    if not allowed_local:
+        raise RequestError(400, f"{where}: local files are not served (start the server with "
+                                "--allowed_local_media_path to allow a folder)", param="messages")
+    real, root = os.path.realpath(path), os.path.realpath(allowed_local)
+    if os.path.commonpath([real, root]) != root:
+        raise RequestError(400, f"{where}: {path!r} is outside --allowed_local_media_path", param="messages")
+    return real
+
+
+def to_conversation(messages, body, allowed_local):
+    """OpenAI messages -> the processor's conversation; every part checked, each problem named."""
+    image_limits = {k: getattr(body, k) for k in ("min_pixels", "max_pixels") if getattr(body, k) is not None}
+    video_limits = dict(image_limits, **({"fps": body.fps} if body.fps is not None else {}))
+    conversation = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role not in ("system", "user", "assistant"):
+            raise RequestError(400, f"{where}.role: {message.role!r} is not system, user or assistant",
+                               param="messages")
+        if message.content is None or isinstance(message.content, str):
+            conversation.append({"role": message.role, "content": message.content or ""})
+            continue
+        parts = []
+        for j, part in enumerate(message.content):
+            at = f"{where}.content[{j}]"
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"{at}: a text part needs a 'text' string", param="messages")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in ("image_url", "video_url"):
+                media = "image" if kind == "image_url" else "video"
+                value = part.get(kind)
+                url = value.get("url") if isinstance(value, dict) else value
+                source = media_source(url, at, media, allowed_local)
+                parts.append({"type": media, media: source, **(image_limits if media == "image" else video_limits)})
+            else:
+                raise RequestError(400, f"{at}: unknown content type {kind!r} (text, image_url or video_url)",
+                                   param="messages")
+        conversation.append({"role": message.role, "content": parts})
+    if not conversation or conversation[-1]["role"] == "assistant":
+        raise RequestError(400, "messages must end with a user or system message", param="messages")
+    return conversation
+
+
+def engine_options(body, max_new_tokens_default):
+    options = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or max_new_tokens_default}
+    if body.temperature is not None and body.temperature > 0:
+        options.update(do_sample=True, temperature=body.temperature)
+        if body.top_p is not None:
+            options["top_p"] = body.top_p
+        options["top_k"] = body.top_k if body.top_k is not None else 0
+    else:
+        options["do_sample"] = False  # temperature 0 (or none given): greedy
+    if body.repetition_penalty is not None:
+        options["repetition_penalty"] = body.repetition_penalty
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise RequestError(400, "stop: expected non-empty strings", param="stop")
+    return options, stop
+
+
+# ---------------------------------------------------------------------------------------------- server state
+class Metrics:
+    def __init__(self, engine_stats):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        prefix = "mindone_qwen2vl"
+        self.running = Gauge(f"{prefix}_requests_running", "Requests holding a slot", registry=self.registry)
+        self.waiting = Gauge(f"{prefix}_requests_waiting", "Requests queued for a slot", registry=self.registry)
+        self.running.set_function(lambda: engine_stats().get("running", 0))
+        self.waiting.set_function(lambda: engine_stats().get("waiting", 0))
+        self.finished = Counter(f"{prefix}_requests_finished", "Finished requests", ["finish_reason"],
+                                registry=self.registry)
+        self.prompt_tokens = Counter(f"{prefix}_prompt_tokens", "Prompt tokens", registry=self.registry)
+        self.generated = Counter(f"{prefix}_generation_tokens", "Generated tokens", registry=self.registry)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+        self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Time to first token", buckets=buckets,
+                              registry=self.registry)
+        self.tpot = Histogram(f"{prefix}_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5), registry=self.registry)
+
+
+class Server:
+    """What the app serves: set up by `load()` (in the background), then `ready`."""
+
+    def __init__(self, args):
+        self.args = args
+        self.ready = False
+        self.failed = None
+        self.engine = self.processor = None
+        self.name = args.served_model_name
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {})
+
+    def load(self):
+        import mindspore as ms
+
+        from .engine import Engine
+        from .modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+        from .precision import resolve_policy
+        from .processing import Qwen2VLProcessor
+
+        args = self.args
+        ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+        policy = resolve_policy(args.dtype, args.attn_implementation)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.folder, policy=policy, progress=False)
+        self.processor = Qwen2VLProcessor.from_pretrained(args.folder)
+        self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
+                             max_queue=args.max_queue, max_len=args.max_len).start()
+        self.ready = True
+
+    def inputs(self, body):
+        conversation = to_conversation(body.messages, body, self.args.allowed_local_media_path)
+        try:
+            return self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)
+        except (ValueError, OSError) as error:  # a media file or URL that does not load: the client's
+            raise RequestError(400, str(error), param="messages") from None
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(server: Server):
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    from .engine import EngineFull, EngineStopped
+
+    app = FastAPI(title="mindone-qwen2vl")
+
+    def error(status, message, **kw):
+        return JSONResponse(error_body(message, **kw), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}", param=where)
+
+    @app.get("/health")
+    async def health():
+        if server.failed:
+            return PlainTextResponse(f"failed: {server.failed}", status_code=503)
+        return PlainTextResponse("ok" if server.ready else "loading", status_code=200 if server.ready else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "mindone-qwen2vl"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(server.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions")
+    async def chat(raw: HTTPRequest):
+        if not server.ready:
+            return error(503, "the model is still loading", kind="service_unavailable")
+        try:
+            payload = await raw.json()
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "the body is not JSON")
+        try:
+            body = ChatRequest.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return error(400, f"{where}: {first['msg']}", param=where)
+        if body.model != server.name:
+            return error(404, f"model {body.model!r} is not served here (this server serves {server.name!r})",
+                         kind="invalid_request_error", param="model", code="model_not_found")
+        extra = sorted(k for k in (body.model_extra or {}) if k in UNSUPPORTED and payload.get(k) not in (None, False))
+        if extra:
+            return error(400, f"{extra[0]} is not supported by this server", param=extra[0])
+        try:
+            options, stop = engine_options(body, server.args.default_max_tokens)
+            inputs = await asyncio.to_thread(server.inputs, body)
+            requests = []
+            try:
+                for i in range(body.n):
+                    seed = None if body.seed is None else body.seed + i
+                    requests.append(server.engine.submit(**inputs, stop=stop or None, seed=seed, **options))
+            except BaseException:
+                for r in requests:
+                    r.cancel()
+                raise
+        except RequestError as e:
+            return error(e.status, e.message, kind=e.kind, param=e.param, code=e.code)
+        except EngineFull as e:
+            return error(429, f"the server is busy: {e}", kind="rate_limit_exceeded")
+        except EngineStopped as e:
+            return error(503, str(e), kind="service_unavailable")
+        except (ValueError, TypeError) as e:
+            return error(400, str(e))
+        started = time.perf_counter()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        for r in requests:
+            server.metrics.prompt_tokens.inc(r.prompt_tokens)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(server, requests, rid, created, started, include_usage),
+                                     media_type="text/event-stream")
+        results = await asyncio.to_thread(collect, server, requests, started)
+        failed = [r for r in results if r[0] == "error"]
+        if failed:
+            return error(503 if isinstance(failed[0][1], EngineStopped) else 500, str(failed[0][1]),
+                         kind="server_error")
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for i, (_, text, reason) in enumerate(results)]
+        usage = _usage(requests)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": choices, "usage": usage}
+
+    return app
+
+
+def _observe(server, request, started, first_at, last_at, count):
+    if first_at is not None:
+        server.metrics.ttft.observe(first_at - started)
+        if count > 1:
+            server.metrics.tpot.observe((last_at - first_at) / (count - 1))
+    server.metrics.generated.inc(len(request.tokens))
+    server.metrics.finished.labels(finish_reason=request.finish_reason or "error").inc()
+
+
+def collect(server, requests, started):
+    results = []
+    for request in requests:
+        first_at = last_at = None
+        count = 0
+        outcome = None
+        for event in request.events():
+            if event[0] == "token":
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
+                count += 1
+            elif event[0] == "error":
+                outcome = ("error", event[1], None)
+        _observe(server, request, started, first_at, last_at, count)
+        results.append(outcome or ("ok", request.text, request.finish_reason))
+    return results
+
+
+def _usage(requests):
+    prompt = requests[0].prompt_tokens
+    completion = sum(len(r.tokens) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def stream(server, requests, rid, created, started, include_usage):
+    """chat.completion.chunk events of every choice as their tokens come, then usage (if asked) and [DONE]. A
+    client that goes away cancels its requests (their slots free at the next step)."""
+    events = queue.Queue()
+
+    def pump(index, request):
+        first_at = last_at = None
+        count = 0
+        for event in request.events():
+            if event[0] == "token":
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
+                count += 1
+            events.put((index, event))
+        _observe(server, request, started, first_at, last_at, count)
+
+    threads = [threading.Thread(target=pump, args=(i, r), daemon=True) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+
+    def chunk(choices, usage=None):
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    open_choices = len(requests)
+    try:
+        for i in range(len(requests)):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while open_choices:
+            index, event = await asyncio.to_thread(events.get)
+            if event[0] == "token":
+                if event[2]:
+                    yield chunk([{"index": index, "delta": {"content": event[2]}, "finish_reason": None}])
+            elif event[0] == "done":
+                open_choices -= 1
+                yield chunk([{"index": index, "delta": {}, "finish_reason": event[1]}])
+            else:
+                open_choices -= 1
+                yield f"data: {json.dumps(error_body(str(event[1]), kind='server_error'))}\n\n"
+        if include_usage:
+            yield chunk([], _usage(requests))
+        yield "data: [DONE]\n\n"
+    finally:
+        for request in requests:  # the client went away (or the stream ended): free the slots
+            request.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="serve.py", description="An OpenAI-compatible server for Qwen2-VL on MindSpore.")
+    p.add_argument("--model_name_or_path", help="HF or converted folder, or hub id; absent: the tiny random-weight "
+                                                "default model")
+    p.add_argument("--served_model_name", help="the model name clients use (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch", type=int, default=8, help="requests decoded together (slots)")
+    p.add_argument("--max_queue", type=int, default=64, help="waiting requests before new ones are refused (429)")
+    p.add_argument("--max_len", type=int, default=4096, help="positions per request: prompt plus max_tokens")
+    p.add_argument("--default_max_tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--allowed_local_media_path", default=None,
+                   help="a folder whose files requests may name (file:// or paths); default: none")
+    p.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--attn_implementation", default=None, choices=["eager", "flash_attention_2"])
+    p.add_argument("--tensor_parallel", type=int, default=1, help="only 1: the server runs on one card")
+    args = p.parse_args(argv)
+    for name in ("port", "max_batch", "max_queue", "max_len", "default_max_tokens"):
+        if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
+            p.error(f"--{name} {getattr(args, name)}: out of range")
+    if args.tensor_parallel != 1:
+        p.error("--tensor_parallel: the server runs on one card (tensor parallelism is for the scripts under msrun)")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        p.error(f"--allowed_local_media_path {args.allowed_local_media_path!r}: not a folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from .default_model import RANDOM_WEIGHTS_NOTICE, default_checkpoint
+    from .loading import resolve_folder
+
+    if args.model_name_or_path:
+        try:
+            args.folder = resolve_folder(args.model_name_or_path)
+        except (OSError, ValueError) as e:
+            print(f"serve.py: error: --model_name_or_path: {e}", file=sys.stderr)
+            return 2
+    else:
+        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+        args.folder = default_checkpoint()
+    args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.folder))
+    server = Server(args)
+
+    import uvicorn
+
+    app = create_app(server)
+
+    def load():
+        try:
+            server.load()
+            print(f"serving {server.name} at http://{args.host}:{args.port}/v1 (ready)", flush=True)
+        except Exception as e:  # reported by /health and on stderr; the server keeps answering 503
+            server.failed = f"{type(e).__name__}: {e}"
+            print(f"serve.py: error: the model did not load: {server.failed}", file=sys.stderr, flush=True)
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Ctrl-C / SIGTERM: stop the engine first, so that requests in flight end (their streams with an
+            # error chunk) and uvicorn's graceful shutdown has nothing left to wait for.
+            if server.engine is not None:
+                threading.Thread(target=server.engine.stop, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    # uvicorn handles SIGINT and SIGTERM while it runs, then raises the signal again for the handlers it found.
+    # Those are ours, so that the process goes on to stop the engine and exit 0. (On the CPU backend MindSpore
+    # turns Ctrl-C into SIGTERM, which is why both count.)
+    received = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signo, frame: received.append(signo))
+    threading.Thread(target=load, daemon=True).start()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    Uvicorn(config).run()
+    if server.engine is not None:
+        server.engine.stop(timeout=30)
+    print("serve.py: stopped", file=sys.stderr)
+    return 0

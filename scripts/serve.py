@@ -1,0 +1,15 @@
+"""An OpenAI-compatible server for Qwen2-VL on MindSpore (chat completions with images and videos, streaming).
+
+    python scripts/serve.py --model_name_or_path ./Qwen2-VL-2B-Instruct --port 8000 --max_batch 8
+
+Without --model_name_or_path a tiny model with random weights answers (meaningless text). All options:
+`python scripts/serve.py --help`; the API: README.md, "Serving".
+"""
+import sys
+
+import mindspore  # noqa: F401  (before anything that may import decord: the other order aborts the process)
+
+from mindone_qwen2vl.serving import main
+
+if __name__ == "__main__":
+    sys.exit(main())

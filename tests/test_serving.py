@@ -1,0 +1,217 @@
+"""scripts/serve.py for real: the server in a subprocess on a free loopback port with the tiny default model,
+talked to with the official `openai` client (and raw HTTP where the client hides what is checked)."""
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "tests", "assets")
+MODEL = "tiny-random-qwen2-vl"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    env = dict(os.environ, MINDONE_QWEN2VL_CACHE=str(tmp_path_factory.mktemp("cache")))
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--port", str(port),
+                             "--max_batch", "4", "--max_queue", "6", "--max_len", "1024",
+                             "--allowed_local_media_path", ASSETS], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None, open(log.name).read()[-3000:]
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.time() < deadline, "the server did not get ready"
+        time.sleep(0.5)
+    yield dict(proc=proc, base=base, log=log.name, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def image_part(name="1.jpg"):
+    return {"type": "image_url", "image_url": {"url": "file://" + os.path.join(ASSETS, name)}}
+
+
+def ask(client, content, **kw):
+    kw.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_ready_line_models_and_health(server):
+    assert f"serving {MODEL} at {server['base']}/v1 (ready)" in open(server["log"]).read()
+    assert [m.id for m in server["client"].models.list().data] == [MODEL]
+
+
+def test_image_question_plain_and_streamed(server):
+    client = server["client"]
+    content = [image_part(), {"type": "text", "text": "What is in this picture?"}]
+    reply = ask(client, content)
+    choice = reply.choices[0]
+    assert reply.model == MODEL and reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert isinstance(choice.message.content, str) and choice.message.content and choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > 50  # the image's tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+    chunks = list(ask(client, content, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content  # greedy: the same answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+    # A data URL and a system message, several images, a second turn.
+    data = base64.b64encode(open(os.path.join(ASSETS, "2.jpg"), "rb").read()).decode()
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [image_part(), {"type": "image_url",
+                                                              "image_url": {"url": f"data:image/jpeg;base64,{data}"}},
+                                             {"type": "text", "text": "Compare them."}]},
+                {"role": "assistant", "content": "They differ."}, {"role": "user", "content": "How?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    assert reply.usage.completion_tokens == 4 and reply.usage.prompt_tokens > reply.usage.completion_tokens
+
+
+def test_video_n_and_stop_strings(server):
+    client = server["client"]
+    video = [{"type": "video_url", "video_url": {"url": os.path.join(ASSETS, "4.mp4")}},
+             {"type": "text", "text": "What happens?"}]
+    reply = ask(client, video, extra_body={"fps": 1.0, "max_pixels": 64 * 28 * 28})
+    assert reply.choices[0].message.content and reply.usage.prompt_tokens > 20
+    sampled = ask(client, "Tell me a story.", n=2, temperature=1.0, seed=3)
+    assert [c.index for c in sampled.choices] == [0, 1] and sampled.usage.completion_tokens == 16
+    again = ask(client, "Tell me a story.", n=2, temperature=1.0, seed=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in sampled.choices]
+    plain = ask(client, "Tell me a story.", max_tokens=12).choices[0].message.content
+    stop = plain[len(plain) // 2:len(plain) // 2 + 3]
+    stopped = ask(client, "Tell me a story.", max_tokens=12, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.message.content == plain[:plain.find(stop)]
+
+
+ERRORS = [
+    (dict(model="no-such-model"), 404, "model 'no-such-model' is not served here"),
+    (dict(messages=[{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]), 400,
+     "messages[0].content[0]: unknown content type 'audio'"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.jpg"}}]}]),
+     400, "could not download image from http://127.0.0.1:9/a.jpg"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]),
+     400, "is outside --allowed_local_media_path"),
+    (dict(messages=[{"role": "user", "content": [image_part("missing.jpg")]}]), 400, "missing.jpg"),
+    (dict(max_tokens=5000), 400, "more than the engine's 1024 positions per request"),
+    (dict(temperature=3.0), 400, "temperature"),
+    (dict(top_p=0.0), 400, "top_p"),
+    (dict(n=9), 400, "n"),
+    (dict(logprobs=True), 400, "logprobs is not supported"),
+    (dict(messages=[]), 400, "messages must end with a user or system message"),
+]
+
+
+@pytest.mark.parametrize("change,status,message", ERRORS, ids=[e[2][:30] for e in ERRORS])
+def test_errors_in_openai_format(server, change, status, message):
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    body.update(change)
+    r = httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
+    # The server goes on serving.
+    assert ask(server["client"], "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_bad_body_is_a_400(server):
+    r = httpx.post(server["base"] + "/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+
+
+def test_eight_concurrent_clients_get_their_sequential_answers(server):
+    client = server["client"]
+    prompts = [[image_part("1.jpg"), {"type": "text", "text": "One?"}], "Two words.",
+               [image_part("2.jpg"), {"type": "text", "text": "Three?"}], "Four, five, six."]
+    expected = [ask(client, p).choices[0].message.content for p in prompts]
+    results = {}
+
+    def call(i):
+        results[i] = ask(client, prompts[i % 4]).choices[0].message.content
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]  # 4 slots, 4 waiting: all served
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert results == {i: expected[i % 4] for i in range(8)}
+
+
+def metric(server, name):
+    text = httpx.get(server["base"] + "/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_and_a_client_that_disconnects(server):
+    text = httpx.get(server["base"] + "/metrics", timeout=30).text
+    for name in ("mindone_qwen2vl_requests_running", "mindone_qwen2vl_requests_waiting",
+                 "mindone_qwen2vl_requests_finished_total", "mindone_qwen2vl_prompt_tokens_total",
+                 "mindone_qwen2vl_generation_tokens_total", "mindone_qwen2vl_time_to_first_token_seconds_bucket",
+                 "mindone_qwen2vl_time_per_output_token_seconds_bucket"):
+        assert name in text, name
+    cancelled = metric(server, 'mindone_qwen2vl_requests_finished_total{finish_reason="cancelled"}')
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Go on and on."}], max_tokens=900, stream=True)
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # streaming has begun; then the client goes away
+    deadline = time.time() + 60
+    while metric(server, 'mindone_qwen2vl_requests_finished_total{finish_reason="cancelled"}') < cancelled + 1:
+        assert time.time() < deadline, "the disconnected request kept its slot"
+        time.sleep(0.2)
+    assert metric(server, "mindone_qwen2vl_requests_running") == 0
+
+
+def test_a_full_queue_is_a_429(server):
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Long."}], max_tokens=600)
+    statuses = []
+
+    def call():
+        statuses.append(httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=300).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(14)]  # 4 slots + 6 waiting < 14
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 10, statuses
+
+
+def test_ctrl_c_stops_cleanly_mid_stream(server):
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Go on."}], max_tokens=900, stream=True)
+    got = []
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            got.append(line)
+            if len(got) == 3:
+                server["proc"].send_signal(signal.SIGINT)
+    assert server["proc"].wait(timeout=60) == 0
+    # The stream ended with an error chunk (the engine stopped), not by hanging.
+    payloads = [json.loads(line[6:]) for line in got if line.startswith("data: {")]
+    assert any("error" in p for p in payloads), got[-3:]
+    assert "serve.py: stopped" in open(server["log"]).read()
