@@ -85,7 +85,9 @@ class Qwen2VLTextConfig:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only default M-RoPE)")
         if sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(
-                f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
+                f"rope_scaling.mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, but head_dim / 2 "
+                f"= hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} / 2 = "
+                f"{self.head_dim // 2}"
             )
 
     @property
@@ -148,7 +150,10 @@ class Qwen2VLConfig:
         model_type = d.get("model_type")
         if model_type not in (None, "qwen2_vl"):
             raise ValueError(f"{path}: model_type is {model_type!r}, expected 'qwen2_vl'")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, path):
