@@ -4,9 +4,11 @@ One flow for both: flags over a YAML preset -> checked requests -> processor and
 A single request streams its answer to stdout; a --batch_file is answered as one left-padded batch into JSON
 lines. Notices, warnings and timings go to stderr, so stdout holds only answers.
 
-Bad arguments (flags, combinations, missing files, presets) are found before MindSpore models, transformers or
-media are loaded, and exit with 2; anything failing after that exits with 1. Both print one line on stderr;
---debug shows the traceback instead.
+Bad arguments (flags, numbers, combinations, missing files, presets, every line of a batch file, the output folder,
+the download limits) are found before MindSpore models, transformers or media are loaded, and exit with 2; anything
+failing after that exits with 1; Ctrl-C exits with 130 (the scripts route it past MindSpore's own SIGINT handler,
+see cli_interrupt.py). Each prints one line on stderr; --debug shows the traceback instead. Nothing is written
+unless the whole run succeeds.
 
 The pieces: cli_args.py (the flags), cli_settings.py (flags over the preset, checked), cli_requests.py (the
 conversations and batch files), cli_output.py (streaming, timings, atomic writes); this file runs them.
@@ -40,13 +42,13 @@ def run(settings: Settings, say):
 
         folder = resolve_folder(settings.model)
 
+    config = _read_config(folder)  # a bad config.json fails here, named, before anything heavy is loaded
     main_rank = True
     if settings.tensor_parallel > 1:
-        from .config import Qwen2VLConfig
         from .parallel import check_tensor_parallel, init_tensor_parallel, is_main_rank
 
         try:
-            check_tensor_parallel(Qwen2VLConfig.from_pretrained(folder).text_config, settings.tensor_parallel)
+            check_tensor_parallel(config.text_config, settings.tensor_parallel)
             init_tensor_parallel(settings.tensor_parallel)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--tensor_parallel {settings.tensor_parallel}: {e}") from None
@@ -57,6 +59,17 @@ def run(settings: Settings, say):
     with warnings.catch_warnings():
         warnings.showwarning = warning_printer(say)
         _run_pipeline(settings, folder, main_rank, say, t)
+
+
+def _read_config(folder):
+    from .config import Qwen2VLConfig
+
+    path = os.path.join(folder, "config.json")
+    try:
+        return Qwen2VLConfig.from_pretrained(folder)
+    except (ValueError, TypeError) as e:  # TypeError: a key of the wrong type reaching a dataclass
+        text = str(e)
+        raise ValueError(text if path in text else f"{path}: {text}") from e
 
 
 def _run_pipeline(settings, folder, main_rank, say, t):
@@ -92,7 +105,11 @@ def _run_pipeline(settings, folder, main_rank, say, t):
     clock = Clock(TokenPrinter(processor.tokenizer) if not settings.batch and main_rank else None)
     batch, prompt_len = inputs["input_ids"].shape
     start = time.perf_counter()
-    out = model.generate(**inputs, **settings.generation, streamer=clock, progress=settings.batch and main_rank)
+    try:
+        out = model.generate(**inputs, **settings.generation, streamer=clock, progress=settings.batch and main_rank)
+    except KeyboardInterrupt:
+        clock.interrupted()  # the partial answer's line ends before the "interrupted" line
+        raise
     new = as_numpy(out)[:, prompt_len:]
 
     if settings.batch and main_rank:
@@ -138,7 +155,7 @@ def main(kind, argv=None):
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except UsageError as e:
         if debug:

@@ -29,6 +29,10 @@ class Clock:
         if self.printer is not None:
             self.printer.end()
 
+    def interrupted(self):
+        if self.printer is not None:
+            self.printer.interrupted()
+
 
 class TokenPrinter:
     """Prints each generated token's text as soon as it is whole (a streamer for one row).
@@ -44,6 +48,7 @@ class TokenPrinter:
         self.file = file
         self.pending = []
         self.prompt_seen = False
+        self.mid_line = False  # text printed since the last newline
 
     def put(self, ids):
         if not self.prompt_seen:  # generate() hands over the prompt first
@@ -60,7 +65,16 @@ class TokenPrinter:
         self.pending = []
         self.prompt_seen = False
 
+    def interrupted(self):
+        """Generation stopped early: end the answer's line (its pending bytes are dropped)."""
+        if self.mid_line:
+            self._print("\n")
+        self.pending = []
+        self.prompt_seen = False
+
     def _print(self, text):
+        if text:
+            self.mid_line = not text.endswith("\n")
         print(text, end="", flush=True, file=self.file or sys.stdout)
 
 
@@ -121,13 +135,18 @@ def write_answers(requests, answers, output, say):
 
 
 def write_atomically(path, lines):
+    """All lines or nothing at ``path``: a temporary file beside it, renamed over it once complete. An I/O
+    error (a full disk, a folder made read-only meanwhile) names ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from e
         raise

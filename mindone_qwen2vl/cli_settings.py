@@ -6,8 +6,13 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .cli_args import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, UsageError
-from .cli_requests import build_requests, with_defaults
+from .cli_args import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, UsageError, number_problem
+from .cli_requests import build_requests, check_item_options, with_defaults
+
+# A preset's numbers obey the rules of the flag (cli_args.NUMBERS) they stand for.
+_PRESET_NUMBERS = {"tensor_parallel_size": "tensor_parallel", "min_pixels": "min_pixels", "max_pixels": "max_pixels",
+                   "video_max_pixels": "max_pixels", "video_total_pixels": "total_pixels", "fps": "fps",
+                   "max_new_tokens": "max_new_tokens"}
 
 
 @dataclass
@@ -64,8 +69,6 @@ def _generation_options(args, preset):
         given = [f"--{k}" for k in ("temperature", "top_p", "top_k", "seed") if getattr(args, k) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sampling: add --do_sample")
-    if args.top_p is not None and args.top_p > 1:
-        raise UsageError(f"argument --top_p: expected a number in (0, 1], got {args.top_p}")
     max_new = args.max_new_tokens if args.max_new_tokens is not None else \
         preset.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     options = {"max_new_tokens": max_new, "do_sample": args.do_sample}
@@ -76,11 +79,33 @@ def _generation_options(args, preset):
 
 
 def _check_output(path):
+    """Before any work: the answers will be written beside ``path`` (a temporary file, then renamed)."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"--output {path!r} is a directory")
     if not os.path.isdir(parent):
         raise UsageError(f"--output {path!r}: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {path!r}: folder {parent!r} is not writable")
+
+
+def _check_preset(preset, name):
+    from .presets import preset_path
+
+    for key, flag in _PRESET_NUMBERS.items():
+        if key in preset:
+            problem = number_problem(flag, preset[key])
+            if problem:
+                raise UsageError(f"--config: {preset_path(name)}: {key}: {problem}")
+
+
+def _check_downloads():
+    from .qwen_vl_utils.sources import download_limits
+
+    try:
+        download_limits()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_model(model):
@@ -106,6 +131,7 @@ def resolve_settings(kind, args) -> Settings:
             preset = load_preset(args.config)
         except (OSError, ValueError) as e:
             raise UsageError(f"--config: {e}") from None
+        _check_preset(preset, args.config)
 
     def pick(flag, key, default=None):
         return flag if flag is not None else preset.get(key, default)
@@ -115,6 +141,8 @@ def resolve_settings(kind, args) -> Settings:
     requests = build_requests(kind, args)
     for request in requests:
         request["messages"] = with_defaults(request["messages"], image_options, video_options)
+        check_item_options(request)
+    _check_downloads()
     if args.output:
         _check_output(args.output)
     model = pick(args.model_name_or_path, "model_name_or_path")

@@ -28,7 +28,8 @@ from .loading import collect_sources, expected_tensors, parameter_pieces, plan_l
 from .weight_files import (DTYPES, FLOATS, LAYOUTS, nbytes, open_checkpoint, open_writer, shard_names, widen_bf16,
                            write_index)
 
-__all__ = ["convert_checkpoint", "verify_checkpoint", "ConversionSummary", "TARGET_DTYPES", "FORMATS"]
+__all__ = ["convert_checkpoint", "verify_checkpoint", "ConversionSummary", "ArgumentError", "TARGET_DTYPES",
+           "FORMATS"]
 
 TARGET_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 FORMATS = ("safetensors", "ckpt")  # what the converter writes, the default first
@@ -36,6 +37,12 @@ SOURCE_FORMATS = ("safetensors", "bin")  # what it reads, in order of preference
 # Non-weight files a model folder needs (config, generation, tokenizer, processor, chat template, licence).
 _SIDE_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".tiktoken", ".md")
 _SIDE_NAMES = ("LICENSE", "NOTICE", "README")
+
+
+class ArgumentError(ValueError):
+    """What was asked cannot be done as asked (no source folder, a destination that exists without overwrite,
+    an unknown dtype or format): found before anything is read or written. scripts/convert_weights.py exits
+    with 2 for these, with 1 for a conversion that fails after them."""
 
 
 # ---------------------------------------------------------------------------------------------- casting
@@ -254,22 +261,22 @@ def _target_code(dtype):
     if dtype is None:
         return None
     if dtype not in TARGET_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(TARGET_DTYPES)} (or None to keep the checkpoint's), "
-                         f"got {dtype!r}")
+        raise ArgumentError(f"dtype must be one of {', '.join(TARGET_DTYPES)} (or None to keep the checkpoint's), "
+                            f"got {dtype!r}")
     return TARGET_DTYPES[dtype]
 
 
 def _check_paths(src, dst, overwrite):
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src}: no such folder")
+        raise ArgumentError(f"{src}: no such folder" if not os.path.exists(src) else f"{src} is not a folder")
     real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
     if real_dst == real_src or real_src.startswith(real_dst.rstrip(os.sep) + os.sep):
-        raise ValueError(f"{dst}: the destination would replace the source folder {src}")
+        raise ArgumentError(f"{dst}: the destination would replace the source folder {src}")
     if os.path.lexists(dst):
         if not overwrite:
-            raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
+            raise ArgumentError(f"{dst} already exists (pass --overwrite to replace it)")
         if os.path.islink(dst) or not os.path.isdir(dst):
-            raise FileExistsError(f"{dst} exists and is not a folder; refusing to replace it")
+            raise ArgumentError(f"{dst} exists and is not a folder; refusing to replace it")
 
 
 def _make_parents(folder) -> List[str]:
@@ -306,14 +313,15 @@ def convert_checkpoint(src, dst, dtype: Optional[str] = None, fmt: str = "safete
     dtype: "fp32", "fp16", "bf16", or None to keep each tensor's own dtype. fmt: "safetensors" (MindSpore
     safetensors, written tensor by tensor) or "ckpt" (MindSpore's `save_checkpoint`). Sharded like the
     source, with an index.
-    Raises (ValueError, FileNotFoundError, FileExistsError, OSError) with the file and the problem; then
-    nothing is left at `dst` (an existing folder replaced with `overwrite` is kept until the new one is done).
+    Raises ArgumentError (a ValueError) for what cannot be done as asked, before reading anything; after that
+    (ValueError, FileNotFoundError, OSError) with the file and the problem, and then nothing is left at `dst`
+    (an existing folder replaced with `overwrite` is kept until the new one is done).
     """
     start = time.perf_counter()
     src, dst = os.fspath(src), os.path.normpath(os.fspath(dst))
     target = _target_code(dtype)
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     _check_paths(src, dst, overwrite)
     shards, sharded = _plan(src)
     try:

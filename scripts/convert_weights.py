@@ -5,7 +5,8 @@
 
 DST then loads with `Qwen2VLForConditionalGeneration.from_pretrained(DST)` and
 `Qwen2VLProcessor.from_pretrained(DST)`. Exit codes: 0 done, 1 conversion failed (one line on stderr naming
-the file and the problem; nothing is left at DST), 2 bad arguments.
+the file and the problem; nothing is left at DST), 2 bad arguments (among them a missing SRC, or a DST that
+exists without --overwrite), 130 interrupted (nothing is left at DST).
 """
 import argparse
 import os
@@ -35,12 +36,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    convert = None
     try:
-        # Imported after parsing: --help and argument errors should not wait for MindSpore to load.
-        from mindone_qwen2vl.convert import convert_checkpoint
+        # Imported after parsing: --help and argparse's errors should not wait for MindSpore to load.
+        import mindone_qwen2vl.convert as convert
 
-        summary = convert_checkpoint(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, overwrite=args.overwrite,
-                                     verify=args.verify, progress=args.progress)
+        summary = convert.convert_checkpoint(args.src, args.dst, dtype=args.dtype, fmt=args.fmt,
+                                             overwrite=args.overwrite, verify=args.verify, progress=args.progress)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -51,10 +53,16 @@ def main(argv=None):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"convert_weights: error: {message}", file=sys.stderr)
-        return 1
+        # A bad argument (missing SRC, existing DST, ...) is found before anything is read or written.
+        return 2 if convert is not None and isinstance(e, convert.ArgumentError) else 1
     print(summary)
     return 0
 
 
 if __name__ == "__main__":
+    # Run from a clone without installing, and Ctrl-C past MindSpore's own SIGINT handler (cli_interrupt.py).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from mindone_qwen2vl.cli_interrupt import route_ctrl_c_to_main_thread
+
+    route_ctrl_c_to_main_thread()
     sys.exit(main())

@@ -8,13 +8,18 @@
 
 Without --model_name_or_path a tiny model with random weights (built once under ~/.cache/mindone_qwen2vl)
 runs the whole pipeline: the answer is meaningless. All options: --help (mindone_qwen2vl/cli_args.py).
-Exit codes: 0 done, 1 failure, 2 bad arguments.
+Exit codes: 0 done, 1 failure, 2 bad arguments, 130 interrupted (Ctrl-C; nothing is written).
 """
 import os
 import sys
 
 # Run from a clone without installing: the package next to this folder.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Before any import that starts threads (numpy's BLAS, MindSpore): see cli_interrupt.py.
+from mindone_qwen2vl.cli_interrupt import route_ctrl_c_to_main_thread  # noqa: E402
+
+route_ctrl_c_to_main_thread()
 
 from mindone_qwen2vl.cli import main  # noqa: E402
 

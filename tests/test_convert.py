@@ -1,6 +1,7 @@
 """scripts/convert_weights.py and mindone_qwen2vl.convert: HF checkpoints (safetensors and torch .bin, single
 and sharded) to MindSpore .ckpt / safetensors that load with from_pretrained and give HF's logits; casts;
-verification; every failure exits 1 with one line and leaves nothing behind."""
+verification; a bad argument (missing source, existing destination) exits 2 and every failure after that 1, each
+with one line, leaving nothing behind."""
 import copy
 import json
 import os
@@ -402,7 +403,7 @@ def test_existing_dst_needs_overwrite(main, sharded_src, tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    assert main(["--src", sharded_src, "--dst", str(dst), "--no-progress"]) == 1
+    assert main(["--src", sharded_src, "--dst", str(dst), "--no-progress"]) == 2  # a bad argument
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"convert_weights: error: {dst} already exists (pass --overwrite to replace it)"]
     assert os.listdir(dst) == ["keep.txt"]
@@ -410,6 +411,17 @@ def test_existing_dst_needs_overwrite(main, sharded_src, tmp_path, capsys):
     # safetensors by default
     assert "keep.txt" not in os.listdir(dst) and "model.safetensors.index.json" in os.listdir(dst)
     assert sorted(os.listdir(tmp_path)) == ["dst"]  # neither the temporary folder nor the replaced one remain
+
+
+def test_missing_source_is_a_bad_argument(main, tmp_path, capsys):
+    missing, dst = tmp_path / "nothing", tmp_path / "out" / "dst"
+    assert main(["--src", str(missing), "--dst", str(dst), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"convert_weights: error: {missing}: no such folder"]
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--src", str(tmp_path / "file"), "--dst", str(dst), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"convert_weights: error: {tmp_path / 'file'} is not a "
+                                                            "folder"]
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing written, not even DST's parent
 
 
 @pytest.mark.parametrize("argv", [["--src", "a", "--dst", "b", "--dtype", "fp8"], ["--src", "a"],
@@ -424,6 +436,10 @@ def test_bad_arguments_exit_2(main, argv, capsys):
 def test_script_end_to_end(sharded_src, tmp_path):
     """The real process: exit codes, the summary on stdout, one line on stderr, no traceback."""
     run = [sys.executable, SCRIPT, "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")]
+    missing = subprocess.run(run, capture_output=True, text=True)  # no src folder yet: a bad argument
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"convert_weights: error: {tmp_path / 'src'}: no such folder"]
+    assert os.listdir(tmp_path) == []
     shutil.copytree(sharded_src, tmp_path / "src")
     truncated_shard(str(tmp_path / "src"))
     bad = subprocess.run(run, capture_output=True, text=True)

@@ -1,11 +1,15 @@
 """qwen_vl_utils, images: sources, RGB conversion, smart_resize and process_vision_info."""
 import base64
+import contextlib
 import functools
 import http.server
 import os
 import shutil
 import socket
+import struct
 import threading
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ from mindone_qwen2vl.qwen_vl_utils import (
     process_vision_info,
     smart_resize,
 )
+from mindone_qwen2vl.qwen_vl_utils.sources import describe
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 JPG = os.path.join(ASSETS, "1.jpg")  # 300x168
@@ -29,6 +34,44 @@ BIG = os.path.join(ASSETS, "test.jpg")  # 1000x747
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep request lines out of the test output
         pass
+
+
+class TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """/slow...: headers (1000 bytes announced), then one byte every 2 s; /big: 64 KiB chunks with no length."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if self.path.startswith("/slow"):
+            self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(30):
+                if self.path.startswith("/slow"):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(2)
+                else:
+                    self.wfile.write(bytes(1 << 16))
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def trickle_server():
+    """Base URL of a loopback HTTP server that sends its bodies too slowly (/slow.jpg) or too long (/big)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrickleHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 
@@ -197,6 +240,74 @@ def test_url_failures_name_the_url(http_assets):
         fetch_image({"image": url})
 
 
+def test_url_downloads_have_a_deadline_a_size_limit_and_a_read_timeout(monkeypatch):
+    """The limits are read when a download starts (set here after the import), and each failure names the URL
+    and the variable that sets the limit."""
+    with trickle_server() as base:
+        url = f"{base}/slow.jpg"
+        monkeypatch.setenv("QWENVL_URL_DEADLINE", "1.5")
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=rf"could not download image from {url}: not finished within the "
+                                             r"deadline of 1.5 s \(QWENVL_URL_DEADLINE\), after \d+ bytes"):
+            fetch_image({"image": url})
+        assert time.monotonic() - start < 4  # the server alone would take 2000 s
+        monkeypatch.setenv("QWENVL_URL_DEADLINE", "60")
+        monkeypatch.setenv("QWENVL_URL_TIMEOUT", "0.5")
+        with pytest.raises(ValueError, match=rf"{url}: no data for 0.5 s \(QWENVL_URL_TIMEOUT\)"):
+            fetch_image({"image": url})
+        monkeypatch.setenv("QWENVL_URL_TIMEOUT", "5")
+        monkeypatch.setenv("QWENVL_URL_MAX_BYTES", "999")  # announced by Content-Length: refused before reading
+        with pytest.raises(ValueError, match=rf"{url}: its 1000 bytes exceed the limit of 999 \(QWENVL_URL_MAX"):
+            fetch_image({"image": url})
+        monkeypatch.setenv("QWENVL_URL_MAX_BYTES", "100000")  # no length announced: counted while reading
+        with pytest.raises(ValueError, match=rf"{base}/big: more than the limit of 100000 bytes \(QWENVL_URL_MAX"):
+            fetch_image({"image": f"{base}/big"})
+        monkeypatch.setenv("QWENVL_URL_MAX_BYTES", "lots")
+        with pytest.raises(ValueError, match="QWENVL_URL_MAX_BYTES='lots': expected a positive whole number"):
+            fetch_image({"image": url})
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))  # 4 rows, 0..65535
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode in ("I;16", "I")  # a 16-bit greyscale PNG, as PIL opens it
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    pixels = np.asarray(load_image(str(path)))
+    assert pixels.shape == (4, 256, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[..., channel], expected)
+    assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) == 256  # clipping left 2 values
+    as_int32 = Image.fromarray(ramp.astype(np.int32))  # mode "I", as older Pillow opens 16-bit PNGs
+    np.testing.assert_array_equal(np.asarray(load_image(as_int32))[..., 0], expected)
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height 8-bit greyscale pixels and holds none: the size alone is the bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return str(path)
+
+
+def test_decompression_bomb_names_the_file(tmp_path):
+    path = _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(ValueError, match=r"image '.*bomb.png' is too large to decode safely: Image size "
+                                         r"\(400000000 pixels\) exceeds limit"):
+        fetch_image({"image": path})
+
+
+def test_decoded_images_remember_their_source_for_messages(tmp_path):
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((10, 3000, 3), np.uint8)).save(path)
+    image = load_image(str(path))
+    assert describe(image) == f"{str(path)!r} (3000x10)"
+    assert describe(Image.fromarray(np.zeros((10, 30, 3), np.uint8))) == "<PIL image RGB 30x10>"  # not ours: unnamed
+
+
 def test_aspect_ratio_over_200_names_the_image(tmp_path):
     path = tmp_path / "strip.png"
     Image.fromarray(np.zeros((10, 2500, 3), np.uint8)).save(path)
@@ -243,10 +354,11 @@ def test_extract_vision_info_in_order():
 def test_process_vision_info():
     images, videos, kwargs = process_vision_info(_messages(), return_video_kwargs=True)
     assert [im.size for im in images] == [(308, 168), (252, 168), (308, 168)]
-    assert len(videos) == 1 and len(videos[0]) == 4  # 3 frames padded to an even count with the last
-    assert all(frame.size == (308, 168) for frame in videos[0])
-    np.testing.assert_array_equal(np.asarray(videos[0][3]), np.asarray(videos[0][2]))
-    assert kwargs == {"fps": [2.0]}
+    # qwen-vl-utils 0.0.14: a video of frames comes back as uint8 [T, 3, H, W], 3 frames padded to an even count
+    # with the last.
+    assert len(videos) == 1 and videos[0].shape == (4, 3, 252, 420) and videos[0].dtype == np.uint8
+    np.testing.assert_array_equal(videos[0][3], videos[0][2])
+    assert kwargs == {"do_sample_frames": False, "fps": [2.0]}
     assert process_vision_info([{"role": "user", "content": "text only"}]) == (None, None)
 
 

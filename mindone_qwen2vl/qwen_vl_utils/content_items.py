@@ -11,6 +11,11 @@ from __future__ import annotations
 # An item with both "image_url" and "url"/"path" contradicts itself; the Hugging Face key is read then.
 IMAGE_SOURCE_KEYS = ("image", "url", "path", "image_url")
 VIDEO_SOURCE_KEYS = ("video", "url", "path")
+# The other keys an item may carry: what fetch_image / fetch_video read (sample_fps and raw_fps: a video given
+# as a list of frames). The scripts refuse any other key in a batch file, so a typo is an error, not ignored.
+IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+VIDEO_OPTION_KEYS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end", "min_pixels",
+                     "max_pixels", "total_pixels", "resized_height", "resized_width", "sample_fps", "raw_fps")
 
 
 def is_image_item(item: dict) -> bool:

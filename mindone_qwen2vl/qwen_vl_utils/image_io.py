@@ -8,17 +8,31 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .sources import describe, is_url, local_path, read_url
+from .sources import SOURCE_KEY, describe, is_url, local_path, read_url
+
+
+# Modes whose samples exceed 8 bits: PIL's convert("RGB") clips them at 255 (a 16-bit greyscale PNG turns
+# almost white), so they are scaled to 8 bits first.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image ("I;16*", or "I" as older Pillow opens 16-bit PNGs) as 8-bit "L": each value
+    v in 0..65535 becomes round(v / 257), so 0 -> 0 and 65535 -> 255 (values outside 0..65535 are clipped)."""
+    values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+    return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparent pixels are laid over white.
+    """RGB; transparent pixels are laid over white, 16-bit greyscale is scaled (not clipped) to 8 bits.
 
     A plain ``convert("RGB")`` would drop the alpha channel and expose whatever colour the transparent
     pixels happen to hold (often black), which the model then sees as content.
     """
     if image.mode == "RGB":
         return image
+    if image.mode in _WIDE_MODES:
+        return _to_8_bit(image).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -32,6 +46,9 @@ def _open(fp, name: str) -> Image.Image:
         image = Image.open(fp)
         # PIL decodes lazily: force it now so that a truncated or corrupt file fails here, with its name.
         image.load()
+    except Image.DecompressionBombError as err:
+        # PIL's own guard (Image.MAX_IMAGE_PIXELS); its message gives the sizes but not the file.
+        raise ValueError(f"image {name} is too large to decode safely: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot decode image {name}: {err}") from err
     return image
@@ -75,18 +92,22 @@ def load_image(source, exif_transpose: bool = False) -> Image.Image:
     """
     if isinstance(source, dict):  # OpenAI style {"url": ...}
         source = source.get("url", source)
+    name = None
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
     elif isinstance(source, str):
         if is_url(source):
-            image = _open(BytesIO(read_url(source, "image")), source)
+            name = repr(source)
+            image = _open(BytesIO(read_url(source, "image")), name)
         elif source.startswith("data:"):
+            name = describe(source)
             image = _from_data_url(source)
         else:
             path = local_path(source, "image")
-            image = _open(path, repr(path))
+            name = repr(path)
+            image = _open(path, name)
     else:
         raise ValueError(
             f"unrecognized image input {describe(source)}: expected a local path, file:// path, http(s) URL, "
@@ -94,4 +115,7 @@ def load_image(source, exif_transpose: bool = False) -> Image.Image:
         )
     if exif_transpose:
         image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    image = to_rgb(image)
+    if name is not None:  # decoded here (a new image): later errors about it can name its file or URL
+        image.info[SOURCE_KEY] = name
+    return image

@@ -1,11 +1,56 @@
-"""Where image and video bytes come from: local paths, ``file://`` paths and ``http(s)://`` URLs."""
+"""Where image and video bytes come from: local paths, ``file://`` paths and ``http(s)://`` URLs.
+
+A download is bounded three ways, each set by an environment variable read when a download starts (so a
+process can change them between downloads; importing reads nothing):
+
+    QWENVL_URL_TIMEOUT    seconds to wait for the connection or for any next bytes   (default 30)
+    QWENVL_URL_DEADLINE   seconds for the whole download, however the bytes trickle  (default 300)
+    QWENVL_URL_MAX_BYTES  largest body accepted, in bytes                            (default 1 GiB)
+"""
 from __future__ import annotations
 
+import http.client
+import math
 import os
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
-URL_TIMEOUT = float(os.environ.get("QWENVL_URL_TIMEOUT", 30))
+CHUNK = 1 << 16
+
+# name: (default, integer?)
+_LIMITS = {
+    "QWENVL_URL_TIMEOUT": (30.0, False),
+    "QWENVL_URL_DEADLINE": (300.0, False),
+    "QWENVL_URL_MAX_BYTES": (1 << 30, True),
+}
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    timeout: float  # per connection attempt and per read
+    deadline: float  # the whole download
+    max_bytes: int
+
+
+def download_limits() -> DownloadLimits:
+    """The limits in force now (environment variables over the defaults); a ValueError names a bad variable."""
+    values = []
+    for name, (default, integer) in _LIMITS.items():
+        text = os.environ.get(name, "").strip()
+        if not text:
+            values.append(default)
+            continue
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            what = "a positive whole number of bytes" if integer else "a positive number of seconds"
+            raise ValueError(f"environment variable {name}={text!r}: expected {what}")
+        values.append(value)
+    return DownloadLimits(*values)
 
 
 def is_url(source: str) -> bool:
@@ -24,17 +69,67 @@ def local_path(source: str, kind: str) -> str:
     return path
 
 
+def _socket(response):
+    # urlopen's response reads through a buffered SocketIO; its socket takes a new timeout between reads,
+    # which is how the deadline also bounds a server that sends one byte just before each read times out.
+    return getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+
+
+class DownloadError(ValueError):
+    """A download that failed or broke a limit; the message names the URL."""
+
+
 def read_url(url: str, kind: str) -> bytes:
-    """The body of ``url``; any failure (HTTP status, refused connection, timeout) names the URL."""
+    """The body of ``url`` within the download limits; any failure (HTTP status, refused connection, timeout,
+    deadline, size) is a DownloadError (a ValueError) naming the URL and, for a limit, its variable."""
+    limits = download_limits()
+    stop_at = time.monotonic() + limits.deadline
+
+    def fail(reason):
+        return DownloadError(f"could not download {kind} from {url}: {reason}")
+
+    def late(size):
+        return fail(f"not finished within the deadline of {limits.deadline:g} s (QWENVL_URL_DEADLINE), "
+                    f"after {size} bytes")
+
     request = urllib.request.Request(url, headers={"User-Agent": "mindone-qwen2vl"})
+    size = 0
+    deadline_wait = limits.deadline <= limits.timeout  # the wait in progress ends at the deadline
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
-            return response.read()
+        with urllib.request.urlopen(request, timeout=min(limits.timeout, limits.deadline)) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limits.max_bytes:
+                raise fail(f"its {int(declared)} bytes exceed the limit of {limits.max_bytes} (QWENVL_URL_MAX_BYTES)")
+            sock = _socket(response)
+            chunks = []
+            while True:
+                left = stop_at - time.monotonic()
+                if left <= 0:
+                    raise late(size)
+                deadline_wait = left <= limits.timeout
+                if sock is not None:
+                    sock.settimeout(min(limits.timeout, left))
+                chunk = response.read1(CHUNK)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > limits.max_bytes:
+                    raise fail(f"more than the limit of {limits.max_bytes} bytes (QWENVL_URL_MAX_BYTES)")
+                chunks.append(chunk)
+    except DownloadError:
+        raise
     except urllib.error.HTTPError as err:
-        raise ValueError(f"could not download {kind} from {url}: HTTP {err.code} {err.reason}") from err
-    except (urllib.error.URLError, OSError) as err:
+        raise fail(f"HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
-        raise ValueError(f"could not download {kind} from {url}: {reason}") from err
+        if isinstance(err, TimeoutError) or isinstance(reason, TimeoutError):
+            if deadline_wait:
+                raise late(size) from err
+            reason = f"no data for {limits.timeout:g} s (QWENVL_URL_TIMEOUT)"
+        raise fail(reason) from err
+
+
+SOURCE_KEY = "mindone_qwen2vl.source"  # in a decoded image's ``info``: where it was read from, for messages
 
 
 def describe(source) -> str:
@@ -49,5 +144,8 @@ def describe(source) -> str:
     size = getattr(source, "size", None)
     mode = getattr(source, "mode", None)
     if mode is not None and size is not None:
+        origin = (getattr(source, "info", None) or {}).get(SOURCE_KEY)
+        if origin:  # an image load_image decoded: name its file or URL
+            return f"{origin} ({size[0]}x{size[1]})"
         return f"<PIL image {mode} {size[0]}x{size[1]}>"
     return f"<{type(source).__name__}>"

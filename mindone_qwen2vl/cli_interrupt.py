@@ -1,0 +1,46 @@
+"""Ctrl-C for the command lines: a KeyboardInterrupt in the main thread, whatever MindSpore installs.
+
+MindSpore's runtime worker threads each install a process-wide SIGINT handler when they start (its C++
+``SignalGuard``) that sends the process SIGTERM: a Ctrl-C once the first operator has run would kill the
+script by signal (exit -15, no message, Python's ``finally`` blocks skipped). MindSpore has no setting to turn
+this off, and the threads start lazily (graph mode starts another one at the first compiled step), so
+reinstalling Python's handler would leave windows open. Instead SIGINT is blocked in the main thread before any
+other thread exists (a new thread inherits its creator's mask, so every later thread blocks it too) and one
+watcher thread takes it with ``sigwait``: no handler of anyone's runs, and the watcher raises KeyboardInterrupt
+in the main thread as Python's own handler would.
+
+Only the scripts call this, first thing: importing the package changes nothing in the process. A child made by
+Python's fork (multiprocessing) gets SIGINT back unblocked; a program started with exec inherits the blocked
+mask (none of the scripts starts one).
+"""
+import signal
+import threading
+
+__all__ = ["route_ctrl_c_to_main_thread"]
+
+
+def route_ctrl_c_to_main_thread() -> bool:
+    """Deliver SIGINT as a KeyboardInterrupt in the main thread for the rest of the process; True if set up.
+
+    Left alone (False): platforms without ``pthread_sigmask``, calls from another thread, and processes where
+    SIGINT is not Python's default (ignored in a background job, or a handler of the caller's).
+    """
+    if not (hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigwait")):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return False
+    import _thread
+    import os
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.register_at_fork(after_in_child=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}))
+
+    def watch():
+        while True:
+            signal.sigwait({signal.SIGINT})
+            _thread.interrupt_main()  # as if SIGINT reached the main thread: KeyboardInterrupt there
+
+    threading.Thread(target=watch, name="ctrl-c", daemon=True).start()
+    return True
