@@ -35,8 +35,10 @@ setup(
     extras_require={
         # scripts/serve.py: the OpenAI-compatible server
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
-        # the tests talk to the real server with the official client
-        "test": ["pytest", "torch==2.13.0", "av", "fastapi", "uvicorn", "prometheus_client", "openai", "httpx"],
+        # the tests talk to the real server with the official client, and compare with the qwen-vl-utils
+        # release followed (its torch-free functions; torchvision is not needed)
+        "test": ["pytest", "torch==2.13.0", "av", "fastapi", "uvicorn", "prometheus_client", "openai", "httpx",
+                 "qwen-vl-utils==0.0.14"],
         "convert": ["torch"],
     },
 )

@@ -2,21 +2,26 @@
 
 The tokenizer, chat template and numpy image processor are Hugging Face's own. Videos go through
 ``Qwen2VLVideoProcessor`` below, a numpy processor whose patches equal those of Hugging Face's numpy
-``Qwen2VLImageProcessor`` video path (HF's own video processor needs torchvision).
+``Qwen2VLImageProcessor`` video path and whose options, frame sampling and saved settings are those of HF
+4.57's ``Qwen2VLVideoProcessor`` (which needs torchvision).
 """
 from __future__ import annotations
 
+import inspect
 import json
+import logging
+import math
+import numbers
 import os
 
 import numpy as np
 from PIL import Image
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.utils import cached_file
 
 from .qwen_vl_utils import fetch_image, fetch_video, load_image
 from .qwen_vl_utils.content_items import IMAGE_SOURCE_KEYS, VIDEO_SOURCE_KEYS, is_image_item, vision_items
@@ -24,20 +29,96 @@ from .qwen_vl_utils.sources import describe
 
 __all__ = ["Qwen2VLProcessor", "Qwen2VLVideoProcessor"]
 
+logger = logging.getLogger(__name__)
 
-def _video_frames(video, name: str):
+VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
+CHAT_TEMPLATE_JSON = "chat_template.json"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "chat_templates"
+# from_pretrained keywords that say where the files are, passed to every part.
+HUB_KEYS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+BICUBIC = 3  # PIL's (and HF's PILImageResampling) number for bicubic
+
+
+def _host(value):
+    """numpy for mindspore and torch tensors; anything else unchanged."""
+    if hasattr(value, "asnumpy"):
+        return value.asnumpy()
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+        return value.numpy()
+    return value
+
+
+def _is_frame(item) -> bool:
+    item = _host(item)
+    return isinstance(item, (Image.Image, str)) or (isinstance(item, np.ndarray) and item.ndim in (2, 3))
+
+
+def _is_video(item) -> bool:
+    """A 4-D array, or a non-empty list of frames (HF's test, plus frame paths and grayscale frames)."""
+    item = _host(item)
+    if isinstance(item, np.ndarray):
+        return item.ndim == 4
+    return isinstance(item, (list, tuple)) and len(item) > 0 and all(_is_frame(f) for f in item)
+
+
+def _flatten_videos(videos) -> list:
+    """Videos in placeholder order, read as HF's ``make_batched_videos`` reads them: one video, one frame (a
+    one-frame video), a list of videos, or a list per sample (whose empty lists hold no video)."""
+    if isinstance(videos, str):
+        raise ValueError(
+            f"videos: {describe(videos)} is a path or URL; the processor takes decoded frames: read the video "
+            "with qwen_vl_utils.fetch_video / process_vision_info, or use apply_chat_template(tokenize=True)"
+        )
+    if _is_video(videos):
+        return [videos]
+    if _is_frame(videos):
+        return [[videos]]
+    if not isinstance(videos, (list, tuple)):
+        raise ValueError(f"videos: expected a video, a list of videos or a list per sample, got {describe(videos)}")
+    flat = []
+    for item in videos:
+        if isinstance(item, (list, tuple)) and not _is_video(item):
+            flat.extend(_flatten_videos(item) if item else [])
+        elif _is_video(item):
+            flat.append(item)
+        else:
+            raise ValueError(
+                f"videos: {describe(item)} is neither a video (a 4-D array or a list of frames) nor a list of videos"
+            )
+    return flat
+
+
+def _flatten_metadata(metadata) -> list:
+    if isinstance(metadata, (list, tuple)):
+        return [m for item in metadata for m in _flatten_metadata(item)]
+    return [metadata]
+
+
+def _metadata_value(metadata, key):
+    if metadata is None:
+        return None
+    return metadata.get(key) if isinstance(metadata, dict) else getattr(metadata, key, None)
+
+
+def _video_frames(video, name: str, input_data_format=None):
     """One video as uint8 ``(T, H, W, 3)`` frames: from a ``(T, C, H, W)`` or ``(T, H, W, C)`` array (as HF,
-    channels first wins when both readings fit), a list of PIL images or of ``(H, W, C)``/``(C, H, W)``
-    arrays. Frames of unequal sizes stay a list; grayscale becomes RGB."""
-    if hasattr(video, "asnumpy"):  # mindspore.Tensor
-        video = video.asnumpy()
-    elif hasattr(video, "numpy") and not isinstance(video, np.ndarray):  # torch.Tensor from upstream code
-        video = video.numpy()
+    channels first wins when both readings fit, unless ``input_data_format`` says), a list of PIL images,
+    image paths or ``(H, W, C)``/``(C, H, W)`` arrays. Frames of unequal sizes stay a list; grayscale becomes RGB."""
+    video = _host(video)
     if isinstance(video, np.ndarray):
         if video.ndim != 4:
             raise ValueError(f"{name}: expected a 4-D array (frames, ...), got shape {video.shape}")
-        channels_first = video.shape[1] in (1, 3)
-        if not channels_first and video.shape[-1] not in (1, 3):
+        if input_data_format is None:
+            channels_first = video.shape[1] in (1, 3)
+        elif input_data_format in ("channels_first", "channels_last"):
+            channels_first = input_data_format == "channels_first"
+        else:
+            raise ValueError(f"input_data_format={input_data_format!r}: expected 'channels_first' or 'channels_last'")
+        channels = video.shape[1] if channels_first else video.shape[-1]
+        if channels not in (1, 3):
             raise ValueError(f"{name}: shape {video.shape} has no RGB channel axis")
         frames = video.transpose(0, 2, 3, 1) if channels_first else video
         if frames.shape[-1] == 1:
@@ -52,19 +133,52 @@ def _video_frames(video, name: str):
         return frames
     if isinstance(video, (list, tuple)) and len(video) > 0:
         try:
-            frames = [np.asarray(load_image(frame)) for frame in video]
+            frames = [np.asarray(load_image(_host(frame))) for frame in video]
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
         size = frames[0].shape
         # Only the first frame sets the output size (as in HF); stack after resizing to it.
         return frames if any(f.shape != size for f in frames) else np.stack(frames)
-    raise ValueError(
-        f"{name}: expected a 4-D array or a non-empty list of frames, got {describe(video)}"
-    )
+    raise ValueError(f"{name}: expected a 4-D array or a non-empty list of frames, got {describe(video)}")
 
 
-def _is_frame(item) -> bool:
-    return isinstance(item, Image.Image) or (isinstance(item, np.ndarray) and item.ndim in (2, 3))
+def hf_frame_count(total: int, video_fps, fps, num_frames, temporal_patch_size: int, min_frames: int, max_frames: int):
+    """How many frames HF 4.57's ``Qwen2VLVideoProcessor.sample_frames`` keeps: ``num_frames`` rounded to a
+    multiple of the temporal patch, or ``fps`` times the duration, kept within [min_frames, max_frames] and the
+    video's length, then rounded down to that multiple."""
+    if num_frames is not None:
+        count = round(num_frames / temporal_patch_size) * temporal_patch_size
+    else:
+        if video_fps is None:
+            raise ValueError(
+                f"sampling at fps={fps} needs the video's own frame rate: pass video_metadata (with 'fps') "
+                "or num_frames"
+            )
+        max_frames = math.floor(min(max_frames, total) / temporal_patch_size) * temporal_patch_size
+        count = min(max(total / video_fps * fps, min_frames), max_frames, total)
+        count = math.floor(count / temporal_patch_size) * temporal_patch_size
+    if count > total:
+        raise ValueError(f"cannot sample {count} frames from a video of {total}: lower num_frames or fps")
+    if count <= 0:
+        raise ValueError(f"sampling keeps no frame of a video of {total} (num_frames={num_frames}, fps={fps})")
+    return count
+
+
+def hf_frame_indices(total: int, count: int) -> np.ndarray:
+    """HF's uniform indices ``torch.arange(0, total, total / count).int()``, computed as torch does on the CPU:
+    float32 values from vectors of 8 (base in float32, offsets in float64), in pairs, the rest one by one.
+    Its length is ``ceil(total / step)``, which can be ``count + 1``. Tested equal to torch over 100,000 cases;
+    a torch build with other vector widths may differ by one frame where a value falls on an integer."""
+    step = total / count
+    length = math.ceil(total / step)
+    values = np.empty(length, np.float32)
+    vectorized = length - length % 16
+    for begin in range(0, vectorized, 8):
+        base = np.float32(step * begin)
+        values[begin:begin + 8] = (np.float64(base) + np.arange(8) * step).astype(np.float32)
+    for i in range(vectorized, length):
+        values[i] = np.float32(step * i)
+    return values.astype(np.int64)
 
 
 class Qwen2VLVideoProcessor:
@@ -74,65 +188,188 @@ class Qwen2VLVideoProcessor:
     ``smart_resize`` of the first frame, scaled by 1/255 in float64 then float32, normalized in
     float32, the frame count padded to a multiple of ``temporal_patch_size`` with the last frame, and
     cut into patches in the order the vision tower's patch merger expects.
+
+    Settings, call options and ``video_preprocessor_config.json`` are those of HF 4.57's
+    ``Qwen2VLVideoProcessor``. ``do_sample_frames=True`` picks frames as HF does (``num_frames``, or ``fps`` with
+    the video's rate from ``video_metadata``); with ``do_sample_frames=False`` (the default) the frames are kept
+    as given and ``fps`` only describes them (qwen-vl-utils passes the rate it sampled at; Qwen2-VL's inputs do
+    not depend on it), while ``num_frames``, ``min_frames`` and ``max_frames`` are refused. Per-call
+    ``min_pixels``/``max_pixels`` apply (HF 4.57 ignores them for videos and resizes by ``size`` alone).
     """
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    SAVED = ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb",
+             "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "do_sample_frames", "fps",
+             "num_frames", "min_frames", "max_frames")
 
     def __init__(
         self,
-        min_pixels: int = 128 * 28 * 28,
-        max_pixels: int = 768 * 28 * 28,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         patch_size: int = 14,
         temporal_patch_size: int = 2,
         merge_size: int = 2,
         image_mean=None,
         image_std=None,
         rescale_factor: float = 1 / 255,
-        **unused,
+        do_resize: bool = True,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        do_convert_rgb: bool = True,
+        do_sample_frames: bool = False,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        min_frames: int = 4,
+        max_frames: int = 768,
+        size: dict | None = None,
+        **unused,  # the rest of HF's file: processor_class, video_processor_type, resample, ...
     ):
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
+        size = size or {}
+        # As HF: min_pixels/max_pixels, when given, win over `size`.
+        self.min_pixels = min_pixels if min_pixels is not None else size.get("shortest_edge", 128 * 28 * 28)
+        self.max_pixels = max_pixels if max_pixels is not None else size.get("longest_edge", 768 * 28 * 28)
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
         self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
         self.rescale_factor = rescale_factor
+        self.do_resize = do_resize
+        self.do_rescale = do_rescale
+        self.do_normalize = do_normalize
+        self.do_convert_rgb = do_convert_rgb
+        self.do_sample_frames = do_sample_frames
+        self.fps = fps
+        self.num_frames = num_frames
+        self.min_frames = min_frames
+        self.max_frames = max_frames
+
+    @property
+    def size(self) -> dict:
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+    def to_dict(self) -> dict:
+        """HF's ``video_preprocessor_config.json`` layout, readable by HF's ``Qwen2VLVideoProcessor`` too."""
+        config = {key: getattr(self, key) for key in self.SAVED}
+        config.update(size=self.size, resample=BICUBIC, video_processor_type="Qwen2VLVideoProcessor",
+                      processor_class="Qwen2VLProcessor")
+        return config
+
+    def save_pretrained(self, save_directory) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, VIDEO_PROCESSOR_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """From ``video_preprocessor_config.json`` if the directory has one, else ``preprocessor_config.json``
-        (where Qwen2-VL keeps both); keyword arguments override the file."""
+        """From ``video_preprocessor_config.json``, else ``preprocessor_config.json`` (where Qwen2-VL's checkpoints
+        keep both), else ``processor_config.json``, as HF looks for them; other keyword arguments override the file."""
+        hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs}
         config = None
-        local = os.path.join(str(pretrained_model_name_or_path), "video_preprocessor_config.json")
-        if os.path.isfile(local):
-            with open(local, encoding="utf-8") as f:
-                config = json.load(f)
+        for filename in (VIDEO_PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, PROCESSOR_FILE):
+            path = cached_file(pretrained_model_name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                               **hub)
+            if path is not None:
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+                config = config.get("video_processor", config)
+                break
         if config is None:
-            config, _ = ImageProcessingMixin.get_image_processor_dict(pretrained_model_name_or_path)
-        size = config.get("size") or {}
-        config.setdefault("min_pixels", size.get("shortest_edge", 128 * 28 * 28))
-        config.setdefault("max_pixels", size.get("longest_edge", 768 * 28 * 28))
+            raise OSError(f"{pretrained_model_name_or_path} has none of {VIDEO_PROCESSOR_FILE}, "
+                          f"{IMAGE_PROCESSOR_FILE}, {PROCESSOR_FILE}")
         config.update({k: v for k, v in kwargs.items() if v is not None})
         return cls(**config)
 
-    def _patches(self, frames, min_pixels: int, max_pixels: int):
+    def _options(self, options: dict) -> dict:
+        """This call's settings: the processor's, replaced by the options given."""
+        unsupported = {
+            "do_center_crop": lambda v: not v, "crop_size": lambda v: v is None,
+            "resample": lambda v: v is None or int(v) == BICUBIC,
+            "data_format": lambda v: v is None or str(getattr(v, "value", v)) == "channels_first",
+            "return_metadata": lambda v: not v, "device": lambda v: v is None or str(v) == "cpu",
+        }
+        for key, fine in unsupported.items():
+            value = options.pop(key, None)
+            if not fine(value):
+                raise ValueError(f"video processor option {key}={value!r} is not supported (numpy, on the host, "
+                                 "bicubic, channels first, no cropping)")
+        options.pop("default_to_square", None)  # shapes a `size` of other forms; Qwen2-VL's is min/max pixels
+        known = set(self.SAVED) | {"size", "video_metadata", "input_data_format"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown video processor option(s) {', '.join(unknown)}")
+        size = options.pop("size", None) or {}
+        settings = {key: getattr(self, key) for key in self.SAVED}
+        settings["min_pixels"] = size.get("shortest_edge", self.min_pixels)
+        settings["max_pixels"] = size.get("longest_edge", self.max_pixels)
+        settings.update({k: v for k, v in options.items() if v is not None})
+        return settings
+
+    def _sample(self, frames, index, fps, num_frames, settings, metadata):
+        """The frames HF 4.57's sampler keeps (``do_sample_frames=True``)."""
+        if isinstance(fps, (list, tuple)):
+            fps = fps[index]
+        total = _metadata_value(metadata, "total_num_frames") or len(frames)
+        count = hf_frame_count(int(total), _metadata_value(metadata, "fps"), fps, num_frames,
+                               settings["temporal_patch_size"], settings["min_frames"], settings["max_frames"])
+        indices = hf_frame_indices(int(total), count)
+        if indices.max() >= len(frames):
+            raise ValueError(f"video_metadata says {total} frames but the video has {len(frames)}")
+        return [frames[i] for i in indices] if isinstance(frames, list) else frames[indices]
+
+    def _sampling(self, options, count_videos):
+        """(do_sample_frames, fps, num_frames) of a call, checked: fps/num_frames of the call, else of the
+        processor's settings (num_frames first, as HF); refused when no sampling would use them."""
+        fps, num_frames = options.get("fps"), options.get("num_frames")
+        if fps is not None and num_frames is not None:
+            raise ValueError(f"give either num_frames={num_frames} or fps={fps}, not both")
+        for value in fps if isinstance(fps, (list, tuple)) else [fps]:
+            if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+                raise ValueError(f"fps must be positive numbers, got {fps!r}")
+        if isinstance(fps, (list, tuple)) and len(fps) != count_videos:
+            raise ValueError(f"fps gives {len(fps)} value(s) for {count_videos} video(s)")
+        do_sample = options.get("do_sample_frames")
+        do_sample = self.do_sample_frames if do_sample is None else do_sample
+        if not do_sample:
+            given = [f"{k}={options[k]}" for k in ("num_frames", "min_frames", "max_frames")
+                     if options.get(k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} select frames only with do_sample_frames=True; without it the "
+                                 "frames given are all kept")
+            return False, fps, None
+        if fps is None and num_frames is None:
+            fps, num_frames = (None, self.num_frames) if self.num_frames is not None else (self.fps, None)
+        if fps is None and num_frames is None:
+            raise ValueError("do_sample_frames=True needs fps (with video_metadata) or num_frames")
+        return True, fps, num_frames
+
+    def _patches(self, frames, settings):
         first = frames[0]
         height, width = first.shape[:2]
-        factor = self.patch_size * self.merge_size
-        new_h, new_w = hf_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        p, m, tp = settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
+        new_h, new_w = height, width
+        if settings["do_resize"]:
+            new_h, new_w = hf_smart_resize(height, width, factor=p * m, min_pixels=settings["min_pixels"],
+                                           max_pixels=settings["max_pixels"])
+        elif height % (p * m) or width % (p * m):
+            raise ValueError(f"do_resize=False needs frames whose sides are multiples of {p * m}, got {height}x{width}")
         resized = [
             f if f.shape[:2] == (new_h, new_w)
             else np.asarray(Image.fromarray(f).resize((new_w, new_h), resample=Image.BICUBIC))
             for f in frames
         ]
-        video = np.stack(resized).astype(np.float64) * self.rescale_factor
+        video = np.stack(resized).astype(np.float64)
+        if settings["do_rescale"]:
+            video = video * settings["rescale_factor"]
         video = video.astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        video = ((video - mean) / std).transpose(0, 3, 1, 2)  # (T, C, H, W)
+        if settings["do_normalize"]:
+            mean = np.asarray(settings["image_mean"], dtype=np.float32)
+            std = np.asarray(settings["image_std"], dtype=np.float32)
+            video = (video - mean) / std
+        video = video.transpose(0, 3, 1, 2)  # (T, C, H, W)
 
-        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
         if video.shape[0] % tp:
             pad = np.repeat(video[-1:], tp - video.shape[0] % tp, axis=0)
             video = np.concatenate([video, pad], axis=0)
@@ -144,21 +381,30 @@ class Qwen2VLVideoProcessor:
         patches = video.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
         return patches, (grid_t, grid_h, grid_w)
 
-    def __call__(self, videos, min_pixels=None, max_pixels=None, return_tensors=None, **unused):
-        if not isinstance(videos, (list, tuple)) or (videos and _is_frame(videos[0])):
-            videos = [videos]  # one video: an array, or a list of frames
+    def __call__(self, videos, return_tensors=None, **options):
+        """``videos``: one video (a ``(T, C, H, W)``/``(T, H, W, C)`` array or a list of frames), a list of them,
+        or a list per sample. ``options``: HF's video processor options (``min_pixels``, ``max_pixels``,
+        ``size``, ``do_sample_frames``, ``fps`` (one number or one per video), ``num_frames``, ``video_metadata``
+        (one per video), ``patch_size``, ``do_normalize``, ...)."""
+        videos = _flatten_videos(videos)
         if not videos:
-            raise ValueError("videos is empty: give None when there are no videos")
-        min_pixels = self.min_pixels if min_pixels is None else min_pixels
-        max_pixels = self.max_pixels if max_pixels is None else max_pixels
+            raise ValueError("videos holds no video: give None when there are no videos")
+        do_sample, fps, num_frames = self._sampling(options, len(videos))
+        settings = self._options(dict(options))
+        metadata = settings.pop("video_metadata", None)
+        metadata = _flatten_metadata(metadata) if metadata is not None else [None] * len(videos)
+        if len(metadata) != len(videos):
+            raise ValueError(f"video_metadata gives {len(metadata)} entries for {len(videos)} video(s)")
         all_patches, grids = [], []
-        for index, video in enumerate(videos):
+        for index, (video, meta) in enumerate(zip(videos, metadata)):
             name = f"video {index + 1} of {len(videos)}"
-            frames = _video_frames(video, name)
             try:
-                patches, grid = self._patches(frames, min_pixels, max_pixels)
+                frames = _video_frames(video, name, settings.get("input_data_format"))
+                if do_sample:
+                    frames = self._sample(frames, index, fps, num_frames, settings, meta)
+                patches, grid = self._patches(frames, settings)
             except ValueError as err:
-                raise ValueError(f"{name}: {err}") from err
+                raise ValueError(str(err) if str(err).startswith(name) else f"{name}: {err}") from err
             all_patches.append(patches)
             grids.append(grid)
         data = {
@@ -183,7 +429,8 @@ def _batch(data: dict, return_tensors) -> BatchFeature:
 
 
 def _flatten_images(images) -> list:
-    """Images in placeholder order from one image, a list, or a list per sample."""
+    """Images in placeholder order from one image, a list, or a list per sample (empty lists allowed)."""
+    images = _host(images)
     if isinstance(images, (list, tuple)):
         return [image for item in images for image in _flatten_images(item)]
     if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -215,8 +462,99 @@ def _expand(texts: list[str], token: str, counts: list[int], kind: str) -> list[
     return out
 
 
+# Which keyword goes where: the option names of HF 4.57's Qwen2VLProcessorKwargs (a test pins them to HF's).
+TEXT_KWARGS = frozenset({
+    "add_special_tokens", "is_split_into_words", "max_length", "pad_to_multiple_of", "padding", "padding_side",
+    "return_attention_mask", "return_length", "return_mm_token_type_ids", "return_offsets_mapping",
+    "return_overflowing_tokens", "return_special_tokens_mask", "return_token_type_ids", "stride", "text_pair",
+    "text_pair_target", "text_target", "truncation", "verbose",
+})
+IMAGES_KWARGS = frozenset({
+    "crop_size", "data_format", "device", "do_center_crop", "do_normalize", "do_pad", "do_rescale", "do_resize",
+    "image_mean", "image_std", "input_data_format", "max_pixels", "merge_size", "min_pixels", "pad_size",
+    "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size",
+})
+VIDEOS_KWARGS = frozenset({
+    "crop_size", "data_format", "default_to_square", "device", "do_center_crop", "do_convert_rgb", "do_normalize",
+    "do_rescale", "do_resize", "do_sample_frames", "fps", "image_mean", "image_std", "input_data_format",
+    "num_frames", "resample", "rescale_factor", "return_metadata", "size", "video_metadata",
+})
+COMMON_KWARGS = frozenset({"return_tensors"})
+MODALITIES = {"text": TEXT_KWARGS, "images": IMAGES_KWARGS, "videos": VIDEOS_KWARGS}
+
+
+def route_kwargs(kwargs: dict) -> dict:
+    """{"text": ..., "images": ..., "videos": ...} options, by HF's rule (``ProcessorMixin._merge_kwargs``): a
+    flat keyword goes to every part that has an option of that name (``size`` to images and videos,
+    ``min_pixels`` to images only, ``fps`` to videos), ``text_kwargs``/``images_kwargs``/``videos_kwargs``
+    dicts to their part whatever they hold, ``return_tensors`` (or ``common_kwargs``) to all. A keyword no part
+    knows is ignored with a warning, as in HF; one given both flat and in a dict is an error."""
+    kwargs = dict(kwargs)
+    given = {m: dict(kwargs.pop(f"{m}_kwargs", None) or {}) for m in MODALITIES}
+    common = dict(kwargs.pop("common_kwargs", None) or {})
+    kwargs.pop("audio_kwargs", None)
+    routed = {m: {} for m in MODALITIES}
+    for key, value in kwargs.items():
+        if key in COMMON_KWARGS:
+            common[key] = value
+            continue
+        targets = [m for m, keys in MODALITIES.items() if key in keys]
+        if not targets:
+            logger.warning("Qwen2VLProcessor: keyword argument %r is not an option of the tokenizer, the image "
+                           "processor or the video processor; it is ignored", key)
+        for m in targets:
+            if key in given[m]:
+                raise ValueError(f"keyword argument {key} was given twice: in {m}_kwargs and as a keyword argument")
+            routed[m][key] = value
+    for m in MODALITIES:
+        routed[m].update(given[m])
+        routed[m].update(common)
+    return routed
+
+
+def _read_chat_template(path, hub: dict):
+    """The processor's chat template as HF reads it: ``chat_template.json`` first, else ``chat_template.jinja``
+    (with ``chat_templates/*.jinja`` of a local folder, making a dict of named templates); None if neither."""
+    found = cached_file(path, CHAT_TEMPLATE_JSON, _raise_exceptions_for_missing_entries=False, **hub)
+    if found is not None:
+        with open(found, encoding="utf-8") as f:
+            return json.load(f)["chat_template"]
+    templates = {}
+    folder = os.path.join(str(path), CHAT_TEMPLATE_DIR)
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".jinja"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    templates[name[: -len(".jinja")]] = f.read()
+    found = cached_file(path, CHAT_TEMPLATE_JINJA, _raise_exceptions_for_missing_entries=False, **hub)
+    if found is not None:
+        with open(found, encoding="utf-8") as f:
+            templates["default"] = f.read()
+    if list(templates) == ["default"]:
+        return templates["default"]
+    return templates or None
+
+
+def _write_chat_template(save_directory, template):
+    """``chat_template.jinja`` (HF's format), over the tokenizer's copy of its own template; a
+    ``chat_template.json`` already in the folder is rewritten too, since loading reads it first."""
+    templates = template if isinstance(template, dict) else {"default": template}
+    for name, text in templates.items():
+        if name == "default":
+            path = os.path.join(save_directory, CHAT_TEMPLATE_JINJA)
+        else:
+            os.makedirs(os.path.join(save_directory, CHAT_TEMPLATE_DIR), exist_ok=True)
+            path = os.path.join(save_directory, CHAT_TEMPLATE_DIR, f"{name}.jinja")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    legacy = os.path.join(save_directory, CHAT_TEMPLATE_JSON)
+    if os.path.isfile(legacy) and "default" in templates:
+        with open(legacy, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"chat_template": templates["default"]}, indent=2, sort_keys=True) + "\n")
+
+
 class Qwen2VLProcessor:
-    """Hugging Face compatible ``Qwen2VLProcessor`` (``from_pretrained``, ``__call__``,
+    """Hugging Face compatible ``Qwen2VLProcessor`` (``from_pretrained``, ``save_pretrained``, ``__call__``,
     ``apply_chat_template``, ``batch_decode``/``decode``) that needs neither torch nor torchvision.
 
     Each ``<|image_pad|>`` (``<|video_pad|>``) of the text becomes ``grid_t*grid_h*grid_w/merge_size**2``
@@ -240,37 +578,31 @@ class Qwen2VLProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, min_pixels=None, max_pixels=None, **kwargs):
-        """Tokenizer, chat template and pre-processor settings of a model directory (or Hub id).
+        """Tokenizer, chat template and image and video processor settings of a model folder (or Hub id).
 
-        ``min_pixels``/``max_pixels`` replace the file's limits for images and videos alike, as in HF.
+        ``min_pixels``/``max_pixels`` replace the files' limits for images and videos alike (HF 4.57 sets them on
+        its video processor too, but resizes videos by its unchanged ``size``).
         """
         path = pretrained_model_name_or_path
+        hub = {k: kwargs[k] for k in HUB_KEYS if k in kwargs}
         limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        image_processor = Qwen2VLImageProcessor.from_pretrained(path, **limits)
+        image_processor = Qwen2VLImageProcessor.from_pretrained(path, **hub, **limits)
         # HF updates min_pixels/max_pixels but not `size` here; keep both views of the limits in step.
         image_processor.size = {"shortest_edge": image_processor.min_pixels, "longest_edge": image_processor.max_pixels}
-        video_processor = Qwen2VLVideoProcessor.from_pretrained(path, **limits)
+        video_processor = Qwen2VLVideoProcessor.from_pretrained(path, **hub, **limits)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        chat_template = None
-        template_file = os.path.join(str(path), "chat_template.json")
-        jinja_file = os.path.join(str(path), "chat_template.jinja")
-        if os.path.isfile(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                chat_template = f.read()
-        elif os.path.isfile(template_file):
-            with open(template_file, encoding="utf-8") as f:
-                chat_template = json.load(f)["chat_template"]
+        chat_template = _read_chat_template(path, hub)
         return cls(image_processor, tokenizer, video_processor, chat_template=chat_template)
 
     def save_pretrained(self, save_directory):
-        """Tokenizer files, ``preprocessor_config.json`` and ``chat_template.json``, readable by
-        ``from_pretrained`` here and in HF."""
+        """Tokenizer files, ``preprocessor_config.json``, ``video_preprocessor_config.json`` and
+        ``chat_template.jinja``, as HF writes them: ``from_pretrained`` here and in HF reads back the same."""
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
         self.image_processor.save_pretrained(save_directory)
+        self.video_processor.save_pretrained(save_directory)
         if self.chat_template is not None:
-            with open(os.path.join(save_directory, "chat_template.json"), "w", encoding="utf-8") as f:
-                json.dump({"chat_template": self.chat_template}, f, indent=2, ensure_ascii=False)
+            _write_chat_template(save_directory, self.chat_template)
         return save_directory
 
     @property
@@ -281,63 +613,75 @@ class Qwen2VLProcessor:
                 names.append(name)
         return names
 
-    def _images(self, images, limits):
+    def _images(self, images, options: dict):
+        accepted = inspect.signature(self.image_processor.preprocess).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            unknown = sorted(set(options) - set(accepted) - {"images", "videos"})
+            if unknown:
+                raise TypeError(f"{type(self.image_processor).__name__} has no option(s) {', '.join(unknown)}")
         flat = _flatten_images(images)
+        if not flat:
+            raise ValueError("images holds no image: give None when there are no images")
         patches, grids = [], []
         for index, image in enumerate(flat):
             if isinstance(image, str):
                 image = load_image(image, exif_transpose=True)
+            settings = dict(options)
+            if isinstance(image, Image.Image) and "input_data_format" not in settings:
+                # A PIL image is height x width x channels. Left to guess, HF reads an image 1 or 3 pixels high
+                # as channels first: a 3 x 40 image came out as a 16 x 2 grid, a 1 x 1 image failed.
+                settings["input_data_format"] = "channels_last"
             try:
-                out = self.image_processor(images=image, return_tensors=None, **limits)
+                out = self.image_processor(images=image, return_tensors=None, **settings)
             except ValueError as err:
                 raise ValueError(f"image {index + 1} of {len(flat)} ({describe(image)}): {err}") from err
             patches.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
-        if not flat:
-            raise ValueError("images is an empty list: give None when there are no images")
         return {"pixel_values": np.concatenate(patches), "image_grid_thw": np.concatenate(grids).astype(np.int64)}
 
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        videos=None,
-        padding=False,
-        truncation=None,
-        max_length=None,
-        return_tensors="np",
-        min_pixels=None,
-        max_pixels=None,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
         """Token ids (with placeholders expanded), ``pixel_values``/``image_grid_thw`` and
         ``pixel_values_videos``/``video_grid_thw``.
 
-        ``images``: one image or a (nested) list of PIL images, arrays or image paths/URLs, in
-        placeholder order across the batch. ``videos``: a list of videos, each a ``(T, C, H, W)`` or
-        ``(T, H, W, C)`` array or a list of frames. ``return_tensors``: "np" (the default; HF's default
-        is None), "ms" for mindspore Tensors, or None for token id lists as in HF.
-        ``min_pixels``/``max_pixels`` override the processors' limits for this call.
+        ``images``: one image or a list of PIL images, arrays or image paths/URLs, or a list per sample, in
+        placeholder order across the batch. ``videos``: one video, a list of videos or a list per sample, each a
+        ``(T, C, H, W)`` or ``(T, H, W, C)`` array or a list of frames. Keywords go where HF sends them
+        (``route_kwargs``): tokenizer options (``padding``, ``truncation``, ``max_length``, ...), image options
+        (``min_pixels``, ``max_pixels``, ...), video options (``fps``, ``num_frames``, ``do_sample_frames``,
+        ``video_metadata``, ...), or dicts ``text_kwargs``/``images_kwargs``/``videos_kwargs``; so the
+        ``video_kwargs`` of ``process_vision_info(..., return_video_kwargs=True)`` can be passed as they are.
+        ``return_tensors``: "np" (the default; HF's default is None), "ms" for mindspore Tensors, or None for
+        token id lists as in HF.
         """
-        limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if images is None and text is None and videos is None:
+            raise ValueError("Qwen2VLProcessor needs text, images or videos: all three are None")
+        options = route_kwargs(kwargs)
+        text_options = options["text"]
+        return_tensors = text_options.pop("return_tensors", "np")
+        for part in ("images", "videos"):
+            options[part].pop("return_tensors", None)
         data = {}
         if images is not None:
-            data.update(self._images(images, limits))
+            data.update(self._images(images, options["images"]))
         if videos is not None:
-            data.update(self.video_processor(videos, return_tensors=None, **limits))
+            data.update(self.video_processor(videos, return_tensors=None, **options["videos"]))
         if text is None:
             return _batch(data, return_tensors)
 
         texts = [text] if isinstance(text, str) else list(text)
-        merge = self.image_processor.merge_size**2
+        merge = (options["images"].get("merge_size") or self.image_processor.merge_size) ** 2
         image_counts = [int(g.prod()) // merge for g in data.get("image_grid_thw", [])]
         texts = _expand(texts, self.image_token, image_counts, "image")
-        merge = self.video_processor.merge_size**2
+        merge = (options["videos"].get("merge_size") or self.video_processor.merge_size) ** 2
         video_counts = [int(g.prod()) // merge for g in data.get("video_grid_thw", [])]
         texts = _expand(texts, self.video_token, video_counts, "video")
 
-        encoded = self.tokenizer(texts, padding=padding, truncation=truncation, max_length=max_length, **kwargs)
+        mm_token_types = text_options.pop("return_mm_token_type_ids", False)
+        encoded = self.tokenizer(texts, **text_options)
         self._check_truncation(texts, encoded["input_ids"])
+        if mm_token_types:  # as HF 4.57: 1 marks image tokens (video tokens stay 0)
+            image_id = self.image_token_id
+            encoded["mm_token_type_ids"] = [[int(t == image_id) for t in row] for row in encoded["input_ids"]]
         return _batch({**encoded, **data}, return_tensors)
 
     def _check_truncation(self, texts, input_ids):
@@ -358,12 +702,9 @@ class Qwen2VLProcessor:
         tokenize=False,
         return_dict=False,
         return_tensors="np",
-        padding=False,
-        truncation=None,
-        max_length=None,
         fps=None,
         num_frames=None,
-        **template_kwargs,
+        **kwargs,
     ):
         """Render one conversation (or a batch) with the chat template; with ``tokenize=True`` also load
         its images and videos and run ``__call__``.
@@ -374,19 +715,22 @@ class Qwen2VLProcessor:
         processor's, as in HF) unless the item carries ``min_pixels``, ``max_pixels`` or
         ``resized_height``/``resized_width``, which go through ``fetch_image``. Videos always go through
         ``fetch_video`` (Qwen2-VL's frame sampling); ``fps`` / ``num_frames`` apply to items with neither
-        ``fps`` nor ``nframes`` of their own.
+        ``fps`` nor ``nframes`` of their own. Keywords that are processor options (``padding``,
+        ``truncation``, ``max_length``, ``max_pixels``, ``images_kwargs``, ...) go to ``__call__``, the others
+        to the template.
         """
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
             raise ValueError("no chat template: pass chat_template= or load one with from_pretrained")
+        call_keys = TEXT_KWARGS | IMAGES_KWARGS | VIDEOS_KWARGS | {f"{m}_kwargs" for m in MODALITIES}
+        call_options = {k: kwargs.pop(k) for k in list(kwargs) if k in call_keys}
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(
             conversation[0], (list, tuple)
         )
         conversations = list(conversation) if batched else [conversation]
         prompts = [
             self.tokenizer.apply_chat_template(
-                conv, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **template_kwargs,
+                conv, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs,
             )
             for conv in conversations
         ]
@@ -401,38 +745,25 @@ class Qwen2VLProcessor:
                     images.append(_load_chat_image(item))
                 else:
                     videos.append(_load_chat_video(item, fps, num_frames))
-        out = self(
-            text=prompts,
-            images=images or None,
-            videos=videos or None,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            return_tensors=return_tensors,
-        )
+        out = self(text=prompts, images=images or None, videos=videos or None, return_tensors=return_tensors,
+                   **call_options)
         return out if return_dict else out["input_ids"]
 
-    def batch_decode(self, sequences, skip_special_tokens=True, clean_up_tokenization_spaces=False, **kwargs):
-        if hasattr(sequences, "asnumpy"):
-            sequences = sequences.asnumpy()
-        return self.tokenizer.batch_decode(
-            sequences,
-            skip_special_tokens=skip_special_tokens,
-            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-            **kwargs,
-        )
+    def batch_decode(self, sequences, **kwargs):
+        """The tokenizer's ``batch_decode`` with its defaults, as HF (special tokens are kept unless
+        ``skip_special_tokens=True``); mindspore Tensors are accepted."""
+        return self.tokenizer.batch_decode(_host(sequences), **kwargs)
 
-    def decode(self, token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False, **kwargs):
-        if hasattr(token_ids, "asnumpy"):
-            token_ids = token_ids.asnumpy()
-        return self.tokenizer.decode(
-            token_ids,
-            skip_special_tokens=skip_special_tokens,
-            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-            **kwargs,
-        )
+    def decode(self, token_ids, **kwargs):
+        """The tokenizer's ``decode`` with its defaults, as HF; mindspore Tensors are accepted."""
+        return self.tokenizer.decode(_host(token_ids), **kwargs)
 
-    post_process_image_text_to_text = batch_decode
+    def post_process_image_text_to_text(
+        self, generated_outputs, skip_special_tokens=True, clean_up_tokenization_spaces=False, **kwargs
+    ):
+        """Generated ids to text without special tokens, as HF's method of this name."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens,
+                                 clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
 
 _RESIZE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")

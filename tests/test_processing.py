@@ -1,5 +1,9 @@
-"""Qwen2VLProcessor, images and text: equal to Hugging Face's image processor and tokenizer."""
+"""Qwen2VLProcessor, images and text: equal to Hugging Face's image processor and tokenizer; saving and
+loading, keyword routing and decoding as HF's processor."""
+import json
+import logging
 import os
+import shutil
 
 import mindspore as ms
 import numpy as np
@@ -139,25 +143,149 @@ def test_image_paths_and_arrays_in_call(processor):
     np.testing.assert_array_equal(nested["pixel_values"], processor(images=raw_images()[:2])["pixel_values"])
 
 
-def test_decode(processor, hf_tokenizer):
+def test_images_per_sample_with_an_empty_sample(processor, hf_tokenizer):
+    a, b, c = raw_images()
+    texts = [prompt(2), prompt(0, "No image."), prompt(1)]
+    out = processor(text=texts, images=[[a, b], [], [c]], padding=True)
+    ref = Qwen2VLImageProcessor.from_pretrained(MODEL_DIR)(images=[a, b, c], return_tensors="np")
+    np.testing.assert_array_equal(out["pixel_values"], ref["pixel_values"])
+    grids = ref["image_grid_thw"]
+    expected = [expanded(texts[0], grids[:2]), texts[1], expanded(texts[2], grids[2:])]
+    ids = hf_tokenizer(expected, padding=True, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(out["input_ids"], ids)
+    with pytest.raises(ValueError, match="images holds no image"):
+        processor(text=prompt(0), images=[[], []])
+
+
+def test_decode_defaults_are_hf(processor, hf_tokenizer):
     ids = hf_tokenizer(["Hello world<|im_end|>", "A cat."], padding=True, return_tensors="np")["input_ids"]
-    assert processor.batch_decode(ids) == ["Hello world", "A cat."]
-    assert processor.batch_decode(ms.Tensor(ids)) == ["Hello world", "A cat."]
-    assert processor.decode(ms.Tensor(ids[0]), skip_special_tokens=False) == "Hello world<|im_end|>"
-    assert processor.post_process_image_text_to_text(ids) == ["Hello world", "A cat."]
+    # As HF's processor: the tokenizer's own defaults, which keep special tokens.
+    assert processor.batch_decode(ids) == hf_tokenizer.batch_decode(ids) == ["Hello world<|im_end|>", "A cat."]
+    assert processor.batch_decode(ms.Tensor(ids), skip_special_tokens=True) == ["Hello world", "A cat."]
+    assert processor.decode(ms.Tensor(ids[0])) == hf_tokenizer.decode(ids[0]) == "Hello world<|im_end|>"
+    assert processor.decode(ids[0], skip_special_tokens=True) == "Hello world"
+    assert processor.post_process_image_text_to_text(ids) == ["Hello world", "A cat."]  # HF's default there: skip
 
 
 def test_save_pretrained_round_trip(tmp_path):
+    """Everything comes back: a changed chat template, the video processor's own settings, limits, patch sizes."""
+    from transformers import ProcessorMixin
+
     ours = Qwen2VLProcessor.from_pretrained(MODEL_DIR, **LIMITS["lowered"])
+    ours.chat_template = ours.chat_template.replace("You are a helpful assistant.", "You are terse.")
+    video = ours.video_processor
+    video.min_pixels, video.max_pixels, video.do_sample_frames, video.num_frames = 8 * 784, 32 * 784, True, 4
     ours.save_pretrained(str(tmp_path))
+    assert {"chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+            "tokenizer_config.json"} <= set(os.listdir(tmp_path))
     again = Qwen2VLProcessor.from_pretrained(str(tmp_path))
+    assert again.chat_template == ours.chat_template != Qwen2VLProcessor.from_pretrained(MODEL_DIR).chat_template
+    rendered = again.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert rendered.startswith("<|im_start|>system\nYou are terse.")
     assert (again.image_processor.min_pixels, again.image_processor.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
-    assert (again.video_processor.min_pixels, again.video_processor.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
-    assert again.chat_template == ours.chat_template
+    assert again.image_processor.size == {"shortest_edge": 16 * 28 * 28, "longest_edge": 64 * 28 * 28}
+    assert again.video_processor.to_dict() == video.to_dict()
+    assert (again.video_processor.min_pixels, again.video_processor.num_frames) == (8 * 784, 4)
+    for name in ("patch_size", "temporal_patch_size", "merge_size"):
+        assert getattr(again.image_processor, name) == getattr(ours.image_processor, name)
     a = ours(text=prompt(1), images=raw_images()[:1])
     b = again(text=prompt(1), images=raw_images()[:1])
     np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    # HF reads the same: its processor's chat template, its image processor, its tokenizer's template.
+    assert ProcessorMixin.get_processor_dict(str(tmp_path))[0]["chat_template"] == ours.chat_template
+    hf_image = Qwen2VLImageProcessor.from_pretrained(str(tmp_path))
+    assert (hf_image.min_pixels, hf_image.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == ours.chat_template
+    with open(tmp_path / "video_preprocessor_config.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert saved["size"] == {"shortest_edge": 8 * 784, "longest_edge": 32 * 784}
+
+
+def test_save_into_a_folder_with_chat_template_json(tmp_path):
+    """chat_template.json is read first (as HF reads it): saving into such a folder keeps it in step."""
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, folder)
+    ours = Qwen2VLProcessor.from_pretrained(str(folder))
+    ours.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ours.save_pretrained(str(folder))
+    assert Qwen2VLProcessor.from_pretrained(str(folder)).chat_template == ours.chat_template
+    with open(folder / "chat_template.json", encoding="utf-8") as f:
+        assert json.load(f)["chat_template"] == ours.chat_template
+
+
+def test_video_processor_settings_round_trip(tmp_path):
+    from mindone_qwen2vl.processing import Qwen2VLVideoProcessor
+
+    custom = Qwen2VLVideoProcessor(min_pixels=1000, max_pixels=90000, patch_size=16, temporal_patch_size=4,
+                                   merge_size=1, fps=1.5, do_sample_frames=True, min_frames=2, max_frames=64,
+                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], do_normalize=False)
+    custom.save_pretrained(str(tmp_path))
+    assert Qwen2VLVideoProcessor.from_pretrained(str(tmp_path)).to_dict() == custom.to_dict()
+    # Without a video file, the image processor's file (as HF); with one written by HF, its settings.
+    assert Qwen2VLVideoProcessor.from_pretrained(MODEL_DIR).min_pixels == 3136
+    hf_written = {  # HF 4.57's layout for Qwen2-VL's video processor
+        "crop_size": None, "data_format": "channels_first", "default_to_square": True, "device": None,
+        "do_center_crop": None, "do_convert_rgb": True, "do_normalize": True, "do_pad": None, "do_rescale": True,
+        "do_resize": True, "do_sample_frames": False, "fps": None, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "input_data_format": None, "max_frames": 768,
+        "max_pixels": 602112, "merge_size": 2, "min_frames": 4, "min_pixels": 100352, "num_frames": None,
+        "patch_size": 14, "processor_class": "Qwen2VLProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "return_metadata": False, "size": {"longest_edge": 602112, "shortest_edge": 100352}, "size_divisor": None,
+        "temporal_patch_size": 2, "video_metadata": None, "video_processor_type": "Qwen2VLVideoProcessor",
+    }
+    with open(tmp_path / "video_preprocessor_config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_written, f)
+    loaded = Qwen2VLVideoProcessor.from_pretrained(str(tmp_path)).to_dict()
+    assert {k: loaded[k] for k in loaded if k in hf_written} == {k: hf_written[k] for k in loaded if k in hf_written}
+
+
+# ---- keywords go where HF sends them ----
+
+def test_keyword_tables_are_hf_s():
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessorKwargs
+
+    from mindone_qwen2vl.processing import COMMON_KWARGS, IMAGES_KWARGS, TEXT_KWARGS, VIDEOS_KWARGS
+
+    tables = Qwen2VLProcessorKwargs.__annotations__
+    for name, ours in (("text_kwargs", TEXT_KWARGS), ("images_kwargs", IMAGES_KWARGS),
+                       ("videos_kwargs", VIDEOS_KWARGS), ("common_kwargs", COMMON_KWARGS)):
+        assert set(tables[name].__annotations__) == ours, name
+
+
+def test_keyword_routing(processor, hf_tokenizer, caplog):
+    image = raw_images()[0]
+    lowered = LIMITS["lowered"]
+    reference = processor(text=prompt(1), images=[image], **lowered)
+    as_dict = processor(text=prompt(1), images=[image], images_kwargs=lowered)
+    np.testing.assert_array_equal(as_dict["input_ids"], reference["input_ids"])
+    np.testing.assert_array_equal(as_dict["pixel_values"], reference["pixel_values"])
+    truncated = processor(text=["Hello there, world"], text_kwargs={"max_length": 2, "truncation": True})
+    assert truncated["input_ids"].shape == (1, 2)
+    padded = processor(text=["a", "a b c"], padding="max_length", max_length=6, return_tensors=None)
+    assert [len(row) for row in padded["input_ids"]] == [6, 6] and isinstance(padded["input_ids"], list)
+    no_mask = processor(text="Hi", return_attention_mask=False)
+    assert set(no_mask) == {"input_ids"}
+    with caplog.at_level(logging.WARNING, logger="mindone_qwen2vl.processing"):
+        quiet = processor(text="Hi", colour="red")  # as HF: ignored with a warning, never sent to the tokenizer
+    assert "keyword argument 'colour' is not an option" in caplog.text
+    np.testing.assert_array_equal(quiet["input_ids"], processor(text="Hi")["input_ids"])
+    with pytest.raises(ValueError, match="keyword argument max_pixels was given twice"):
+        processor(text=prompt(1), images=[image], max_pixels=3136, images_kwargs={"max_pixels": 3136})
+    with pytest.raises(TypeError, match="Qwen2VLImageProcessor has no option.*crop_size"):
+        processor(text=prompt(1), images=[image], crop_size={"height": 28, "width": 28})
+
+
+def test_mm_token_type_ids(processor):
+    out = processor(text=prompt(1), images=raw_images()[:1], return_mm_token_type_ids=True)
+    ids, types = out["input_ids"], out["mm_token_type_ids"]
+    np.testing.assert_array_equal(types, (ids == processor.image_token_id).astype(types.dtype))
+
+
+def test_no_input_is_an_error(processor):
+    with pytest.raises(ValueError, match="needs text, images or videos"):
+        processor()
 
 
 def test_model_input_names(processor):

@@ -160,3 +160,18 @@ def test_tokenize_errors(processor, tmp_path):
         )
     with pytest.raises(ValueError, match=r"video .*4.mp4': nframes should in interval \[2, 150\], but got 300"):
         processor.apply_chat_template(conv, tokenize=True, num_frames=300)
+
+
+def test_tokenize_passes_processor_options(processor):
+    """Keywords that are processor options go to __call__ (as HF), the rest to the template."""
+    conv = [{"role": "user", "content": [{"type": "image", "image": JPG1}, {"type": "text", "text": "?"}]}]
+    flat = processor.apply_chat_template(conv, tokenize=True, return_dict=True, max_pixels=32 * 28 * 28)
+    assert flat["image_grid_thw"].tolist() == [[1, 8, 14]]  # 168x300 into 32*28*28: 112x196
+    as_dict = processor.apply_chat_template(conv, tokenize=True, return_dict=True,
+                                            images_kwargs={"max_pixels": 32 * 28 * 28})
+    np.testing.assert_array_equal(as_dict["input_ids"], flat["input_ids"])
+    with_ids = processor.apply_chat_template(conv, tokenize=True, add_vision_id=True, max_pixels=32 * 28 * 28,
+                                             return_tensors=None)
+    assert processor.tokenizer.decode(with_ids[0]).startswith(SYSTEM + "<|im_start|>user\nPicture 1: <|vision_start|>")
+    with pytest.raises(ValueError, match="truncation cut <\\|image_pad\\|> tokens"):
+        processor.apply_chat_template(conv, tokenize=True, truncation=True, max_length=40)
