@@ -184,6 +184,19 @@ class TokenChooser:
             scores = scores / np.float32(self.o.temperature)
         return scores
 
+    def filtered(self, scores):
+        """The scores HF reports with output_scores: when sampling, top-k and top-p leave -inf outside the tokens
+        they keep."""
+        if not self.o.do_sample or (not self.o.top_k and self.o.top_p >= 1.0):
+            return scores
+        out = np.full_like(scores, -np.inf)
+        for i, row in enumerate(scores):
+            cand = self.candidates(row)
+            out[i] = row if cand is None else out[i]
+            if cand is not None:
+                out[i, cand] = row[cand]
+        return out
+
     def pick(self, scores):
         if not self.o.do_sample:
             return scores.argmax(-1).astype(np.int64)
@@ -337,10 +350,39 @@ class Runners:
 
 
 # ---------------------------------------------------------------------------------------------- generate
+class GenerateOutput(dict):
+    """generate(return_dict_in_generate=True): `sequences` [batch * num_return_sequences, prompt + new], and with
+    output_scores / output_logits a tuple of [rows, vocab] float32 arrays per step (`scores`: after the logits
+    processors, as HF reports them; `logits`: as the model gave them). Keys and attributes both work, as HF's."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def stop_string_rows(tokenizer, stop_strings, rows):
+    """Rows (lists of token ids) whose text now holds a stop string that ends in their last token, HF's rule (a
+    stop string seen earlier does not count again). -> bool array."""
+    done = np.zeros(len(rows), bool)
+    for i, row in enumerate(rows):
+        before = tokenizer.decode(row[:-1])
+        text = tokenizer.decode(row)
+        for stop in stop_strings:
+            at = text.find(stop, max(0, len(before) - len(stop) + 1))
+            if at >= 0 and at + len(stop) > len(before):
+                done[i] = True
+                break
+    return done
+
+
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None, min_new_tokens=None,
              max_length=None, do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-             eos_token_id=None, pad_token_id=None, streamer=None, progress=False, use_cache=True, **unknown):
+             eos_token_id=None, pad_token_id=None, num_return_sequences=None, stop_strings=None, tokenizer=None,
+             return_dict_in_generate=False, output_scores=False, output_logits=False, streamer=None,
+             progress=False, use_cache=True, inputs_embeds=None, **unknown):
     """Generate after the prompt, like HF's `generate` for greedy search and sampling.
 
     Takes the processor's dict (numpy or ms.Tensor): `model.generate(**inputs, max_new_tokens=128)`.
@@ -351,6 +393,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     `streamer` gets HF's calls: `put(prompt ids [B, S])`, `put(new ids [B])` per step, then `end()`
     (`transformers.TextStreamer` / `TextIteratorStreamer` work). Sampling draws its seed from MindSpore's
     RNG, so `ms.set_seed(n)` makes it repeatable. `progress=True` shows a tqdm bar of the new tokens.
+    `num_return_sequences=n` (sampling) gives n rows per prompt, the prompt (and its images) computed once.
+    `stop_strings` (with `tokenizer=`) end a row as HF's StopStringCriteria does (the text kept, as HF does).
+    `return_dict_in_generate=True` returns a GenerateOutput (sequences, and scores / logits when asked).
+    Generation from `inputs_embeds` alone is not supported: pass input_ids (and the vision inputs).
 
     Returns the ids with the prompt first, [batch, prompt + new] int64, like HF: a numpy array, or an
     ms.Tensor when input_ids was one (so `out[:, inputs["input_ids"].shape[1]:]` and
@@ -358,6 +404,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     """
     if unknown:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
+    if inputs_embeds is not None:
+        raise ValueError("generate from inputs_embeds is not supported: pass input_ids and the vision inputs")
     if not use_cache:
         raise ValueError("use_cache=False is not supported: generation always uses the static KV cache")
     ids, mask, images, videos = check_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -368,20 +416,33 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                          "(processor/tokenizer padding_side='left')")
     pixel_values, image_grid_thw = images or (None, None)
     pixel_values_videos, video_grid_thw = videos or (None, None)
-    batch, seq = ids.shape
+    prompts, seq = ids.shape
     options = resolve_options(model, seq, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                               max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
+    copies = 1 if num_return_sequences is None else num_return_sequences
+    if isinstance(copies, bool) or not isinstance(copies, (int, np.integer)) or copies < 1:
+        raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}")
+    if copies > 1 and not options.do_sample:
+        raise ValueError(f"greedy search gives one sequence per prompt: num_return_sequences={copies} needs "
+                         "do_sample=True (beam search is not supported)")
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need the model's tokenizer: pass tokenizer= (e.g. processor.tokenizer)")
+    if any(not isinstance(x, str) or not x for x in stops):
+        raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+    batch = prompts * copies  # HF's order: the copies of a prompt side by side
 
     embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
-    lengths = mask.sum(-1)
+    lengths = np.repeat(mask.sum(-1), copies)
     runner = model.runners.get(batch, int(lengths.max()) + options.max_new_tokens, options.max_new_tokens)
     # Each row's sequence starts at position 0 of its cache row, its padding left out; the rope delta moves
     # from the padded index to that position. Rows past the batch are idle: a pad token at position 0.
     deltas = np.zeros(runner.rows, np.int64)
-    deltas[:batch] = rope_deltas[:, 0] + seq - lengths
+    deltas[:batch] = np.repeat(rope_deltas[:, 0], copies) + seq - lengths
+    rows_ids = np.repeat(ids, copies, axis=0)
 
     rng = None
     if options.do_sample:
@@ -391,7 +452,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
             seed = same_on_all_ranks(seed)  # every rank must draw the same tokens
         rng = np.random.default_rng(seed)
-    chooser = TokenChooser(options, ids, model.config.text_config.vocab_size, rng)
+    chooser = TokenChooser(options, rows_ids, model.config.text_config.vocab_size, rng)
+    scores, raw = [], []
     eos = np.array(options.eos_token_id, np.int64)
     new = np.empty((batch, options.max_new_tokens), np.int64)
     unfinished = np.ones(batch, bool)
@@ -399,16 +461,22 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     bar = tqdm(total=options.max_new_tokens, desc="Generating", unit="token", disable=not progress)
     try:
         if streamer is not None:
-            streamer.put(ids.copy())
+            streamer.put(rows_ids.copy())
         last = []
-        for row, hidden, kv in model.prompt_rows(embeds, position_ids, mask, keep_last=1, keep_kv=True):
-            runner.cache.write_prompt(Tensor(runner.cache.prompt_rows(row, int(lengths[row]))), *kv)
-            last.append(hidden)
+        for prompt, hidden, kv in model.prompt_rows(embeds, position_ids, mask, keep_last=1, keep_kv=True):
+            for row in range(prompt * copies, (prompt + 1) * copies):  # written once per copy, computed once
+                runner.cache.write_prompt(Tensor(runner.cache.prompt_rows(row, int(lengths[row]))), *kv)
+                last.append(hidden)
         logits = model.head(ops.cat(last, 0)).asnumpy()
         tokens_in = np.zeros(runner.rows, np.int32)
         position = np.zeros(runner.rows, np.int64)
         for step in range(options.max_new_tokens):
-            tokens = chooser(logits[:batch], step)
+            processed = chooser.process(logits[:batch], step)
+            if output_logits:
+                raw.append(np.array(logits[:batch], np.float32))
+            if output_scores:
+                scores.append(chooser.filtered(processed))
+            tokens = chooser.pick(processed)
             if eos.size and options.pad_token_id is not None:
                 tokens = np.where(unfinished, tokens, options.pad_token_id)
             new[:, step] = tokens
@@ -419,6 +487,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             bar.update(1)
             if eos.size:
                 unfinished &= ~np.isin(tokens, eos)
+            if stops:
+                generated = [list(rows_ids[r, mask[r // copies] == 1]) + new[r, :steps].tolist() for r in range(batch)]
+                unfinished &= ~stop_string_rows(tokenizer, stops, generated)
             if not unfinished.any() or step + 1 == options.max_new_tokens:
                 break
             tokens_in[:batch] = tokens
@@ -429,5 +500,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         bar.close()
         if streamer is not None:
             streamer.end()
-    out = np.concatenate([ids, new[:, :steps]], axis=1)
-    return Tensor(out, ms.int64) if isinstance(input_ids, Tensor) else out
+    out = np.concatenate([rows_ids, new[:, :steps]], axis=1)
+    out = Tensor(out, ms.int64) if isinstance(input_ids, Tensor) else out
+    if not return_dict_in_generate:
+        return out
+    result = GenerateOutput(sequences=out)
+    if output_scores:
+        result["scores"] = tuple(scores)
+    if output_logits:
+        result["logits"] = tuple(raw)
+    return result

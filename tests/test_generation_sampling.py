@@ -191,3 +191,66 @@ def test_bad_options_are_named(tiny_ours, kwargs, error, match):
     kwargs = {"max_new_tokens": 2, **kwargs}
     with pytest.raises(error, match=match):
         tiny_ours.generate(input_ids=np.array([[1, 2, 3]]), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ HF's options
+def _hf(hf_model, inputs, **options):
+    import torch
+
+    with torch.no_grad():
+        return hf_model.generate(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, **options)
+
+
+def test_return_dict_with_scores_and_logits_matches_hf(tiny_hf, tiny_ours):
+    from test_generation import case_inputs
+    from tiny import rel_err
+
+    inputs = case_inputs("mixed_left_padded_batch")
+    options = dict(max_new_tokens=4, do_sample=False, repetition_penalty=1.3, return_dict_in_generate=True,
+                   output_scores=True, output_logits=True)
+    ours = tiny_ours.generate(**inputs, **options)
+    ref = _hf(tiny_hf[0], inputs, **options)
+    np.testing.assert_array_equal(ours.sequences, ref.sequences.numpy())
+    assert ours["sequences"] is ours.sequences and len(ours.scores) == len(ref.scores) == 4
+    for mine, theirs in zip(ours.logits, ref.logits):
+        assert rel_err(mine, theirs.numpy()) < 1e-4
+    for mine, theirs in zip(ours.scores, ref.scores):  # after the repetition penalty
+        assert rel_err(mine, theirs.numpy()) < 1e-4
+    sampled = tiny_ours.generate(**inputs, max_new_tokens=2, do_sample=True, top_k=3, return_dict_in_generate=True,
+                                 output_scores=True)
+    assert all((np.isfinite(s).sum(-1) >= 3).all() and (np.isfinite(s).sum(-1) <= 4).all() for s in sampled.scores)
+
+
+def test_num_return_sequences(tiny_hf, tiny_ours):
+    from test_generation import case_inputs
+
+    inputs = case_inputs("mixed_left_padded_batch")
+    # top_k=1 sampling draws the greedy token: every copy equals HF's (which repeats the prompt rows the same way).
+    ours = tiny_ours.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=1, num_return_sequences=3)
+    ref = _hf(tiny_hf[0], inputs, max_new_tokens=4, do_sample=True, top_k=1, num_return_sequences=3).numpy()
+    assert ours.shape == (12, inputs["input_ids"].shape[1] + 4)
+    np.testing.assert_array_equal(ours, ref)
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
+        tiny_ours.generate(**inputs, max_new_tokens=2, num_return_sequences=2)
+
+
+def test_stop_strings_as_hf(tiny_hf, tiny_ours):
+    from test_generation import case_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    inputs = case_inputs("image")
+    free = tiny_ours.generate(**inputs, max_new_tokens=12, eos_token_id=[])[0, inputs["input_ids"].shape[1]:]
+    text = tokenizer.decode(free)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), text
+    options = dict(max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    ours = tiny_ours.generate(**inputs, **options)
+    ref = _hf(tiny_hf[0], inputs, **options).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert ours.shape[1] < inputs["input_ids"].shape[1] + 12  # stopped early, the stop string kept
+    with pytest.raises(ValueError, match="stop_strings need the model's tokenizer"):
+        tiny_ours.generate(**inputs, max_new_tokens=2, stop_strings=["x"])
+    with pytest.raises(ValueError, match="generate from inputs_embeds is not supported"):
+        tiny_ours.generate(**inputs, inputs_embeds=np.zeros((1, 2, 64), np.float32))
+    with pytest.raises(TypeError, match="unsupported arguments: num_beams"):
+        tiny_ours.generate(**inputs, num_beams=2)
