@@ -95,10 +95,12 @@ def media_source(url, where, kind, allowed_local):
     return real
 
 
-def to_conversation(messages, body, allowed_local):
-    """OpenAI messages -> the processor's conversation; every part checked, each problem named."""
-    image_limits = {k: getattr(body, k) for k in ("min_pixels", "max_pixels") if getattr(body, k) is not None}
-    video_limits = dict(image_limits, **({"fps": body.fps} if body.fps is not None else {}))
+def to_conversation(messages, body, allowed_local, image_defaults=None, video_defaults=None):
+    """OpenAI messages -> the processor's conversation; every part checked, each problem named. The request's
+    pixel limits and fps override the server's defaults (its preset's)."""
+    given = {k: getattr(body, k) for k in ("min_pixels", "max_pixels") if getattr(body, k) is not None}
+    image_limits = dict(image_defaults or {}, **given)
+    video_limits = dict(video_defaults or {}, **given, **({"fps": body.fps} if body.fps is not None else {}))
     conversation = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -191,7 +193,7 @@ class Server:
 
         args = self.args
         ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-        policy = resolve_policy(args.dtype, args.attn_implementation)
+        policy = resolve_policy(args.dtype, args.attn_implementation, args.conv_dtype)
         model = Qwen2VLForConditionalGeneration.from_pretrained(args.folder, policy=policy, progress=False)
         self.processor = Qwen2VLProcessor.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
@@ -199,7 +201,9 @@ class Server:
         self.ready = True
 
     def inputs(self, body):
-        conversation = to_conversation(body.messages, body, self.args.allowed_local_media_path)
+        args = self.args
+        conversation = to_conversation(body.messages, body, args.allowed_local_media_path, args.image_defaults,
+                                       args.video_defaults)
         try:
             return self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)
@@ -399,19 +403,41 @@ def parse_args(argv=None):
     p.add_argument("--max_batch", type=int, default=8, help="requests decoded together (slots)")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before new ones are refused (429)")
     p.add_argument("--max_len", type=int, default=4096, help="positions per request: prompt plus max_tokens")
-    p.add_argument("--default_max_tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--default_max_tokens", type=int, default=None,
+                   help="max_tokens when a request gives none (default: the preset's max_new_tokens, else 256)")
+    p.add_argument("--config", help="a preset from configs/ by name or a YAML file; flags override it")
     p.add_argument("--allowed_local_media_path", default=None,
                    help="a folder whose files requests may name (file:// or paths); default: none")
-    p.add_argument("--mode", choices=["graph", "pynative"], default="graph")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--mode", choices=["graph", "pynative"], default=None, help="default: the preset's, else graph")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: the preset's, else fp32")
     p.add_argument("--attn_implementation", default=None, choices=["eager", "flash_attention_2"])
-    p.add_argument("--tensor_parallel", type=int, default=1, help="only 1: the server runs on one card")
+    p.add_argument("--tensor_parallel", type=int, default=None, help="only 1: the server runs on one card")
     args = p.parse_args(argv)
+    preset = {}
+    if args.config:
+        from .presets import load_preset
+
+        try:
+            preset = load_preset(args.config)
+        except (OSError, ValueError) as e:
+            p.error(f"--config: {e}")
+    args.model_name_or_path = args.model_name_or_path or preset.get("model_name_or_path")
+    args.mode = args.mode or preset.get("mode", "graph")
+    args.dtype = args.dtype or preset.get("mindspore_dtype", "fp32")
+    args.conv_dtype = preset.get("conv_dtype")
+    args.attn_implementation = args.attn_implementation or preset.get("attn_implementation")
+    args.default_max_tokens = args.default_max_tokens or preset.get("max_new_tokens", 256)
+    args.tensor_parallel = args.tensor_parallel or preset.get("tensor_parallel_size", 1)
+    args.image_defaults = {k: preset[k] for k in ("min_pixels", "max_pixels") if k in preset}
+    args.video_defaults = {k: preset[p_key] for k, p_key in (("max_pixels", "video_max_pixels"),
+                                                              ("total_pixels", "video_total_pixels"),
+                                                              ("fps", "fps")) if p_key in preset}
     for name in ("port", "max_batch", "max_queue", "max_len", "default_max_tokens"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             p.error(f"--{name} {getattr(args, name)}: out of range")
     if args.tensor_parallel != 1:
-        p.error("--tensor_parallel: the server runs on one card (tensor parallelism is for the scripts under msrun)")
+        p.error(f"--tensor_parallel {args.tensor_parallel}: the server runs on one card (tensor parallelism is for "
+                "the scripts under msrun)")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         p.error(f"--allowed_local_media_path {args.allowed_local_media_path!r}: not a folder")
     return args

@@ -215,3 +215,20 @@ def test_ctrl_c_stops_cleanly_mid_stream(server):
     payloads = [json.loads(line[6:]) for line in got if line.startswith("data: {")]
     assert any("error" in p for p in payloads), got[-3:]
     assert "serve.py: stopped" in open(server["log"]).read()
+
+
+def test_presets_and_flags():
+    from mindone_qwen2vl.serving import parse_args
+
+    args = parse_args(["--config", "qwen2-vl-7b-instruct", "--mode", "pynative"])
+    assert (args.model_name_or_path, args.dtype, args.attn_implementation) == \
+        ("Qwen/Qwen2-VL-7B-Instruct", "bf16", "flash_attention_2")
+    assert args.mode == "pynative" and args.default_max_tokens == 128  # the flag over the preset
+    assert args.image_defaults == {"min_pixels": 200704, "max_pixels": 1003520}
+    assert args.video_defaults == {"max_pixels": 602112, "total_pixels": 19267584, "fps": 2.0}
+    for argv, message in ((["--config", "qwen2-vl-72b-instruct"], "--tensor_parallel 8: the server runs on one card"),
+                          (["--config", "no-such-preset"], "--config: no preset 'no-such-preset'"),
+                          (["--max_batch", "0"], "--max_batch 0: out of range")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr[-500:])
