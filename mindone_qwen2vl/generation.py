@@ -391,8 +391,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     else the first eos id). `eos_token_id` may be one id or a list. Rows that finish (emit an eos id) are
     filled with pad_token_id; generation stops when every row has finished or after max_new_tokens.
     `streamer` gets HF's calls: `put(prompt ids [B, S])`, `put(new ids [B])` per step, then `end()`
-    (`transformers.TextStreamer` / `TextIteratorStreamer` work). Sampling draws its seed from MindSpore's
-    RNG, so `ms.set_seed(n)` makes it repeatable. `progress=True` shows a tqdm bar of the new tokens.
+    (`transformers.TextStreamer` / `TextIteratorStreamer` work). Sampling runs on the host, seeded from numpy's
+    global RNG, which `ms.set_seed(n)` seeds: it makes sampling repeatable on any device. `progress=True` shows a tqdm bar of the new tokens.
     `num_return_sequences=n` (sampling) gives n rows per prompt, the prompt (and its images) computed once.
     `stop_strings` (with `tokenizer=`) end a row as HF's StopStringCriteria does (the text kept, as HF does).
     `return_dict_in_generate=True` returns a GenerateOutput (sequences, and scores / logits when asked).
@@ -446,7 +446,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
     rng = None
     if options.do_sample:
-        seed = int(ops.randint(0, 2 ** 31 - 1, (1,), dtype=ms.int64).asnumpy()[0])
+        # On the host, from numpy's global RNG: `ms.set_seed(n)` seeds it (MindSpore documents this), on every
+        # device, whereas the seed of MindSpore's random ops is documented to have no effect on Ascend.
+        seed = int(np.random.randint(0, 2 ** 31 - 1))
         if model.tensor_parallel:
             from .parallel import same_on_all_ranks
 

@@ -47,8 +47,40 @@ def broadcast(y, like):
     return ops.broadcast_to(y, like.shape)
 
 
+def _float32_if_bf16(fn, x):
+    """fn(x), computed in float32 when x is bfloat16: MindSpore documents ops.silu, ops.sigmoid and ops.gelu
+    for float16/float32 only (on Ascend too), and the Ascend policy computes in bfloat16. float32 and float16
+    inputs go straight through (the dtype test is a constant when a graph compiles)."""
+    if x.dtype == ms.bfloat16:
+        return fn(x.astype(ms.float32)).astype(ms.bfloat16)
+    return fn(x)
+
+
+def _quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+def _gelu(x):
+    return ops.gelu(x, approximate="none")
+
+
 class PortableKernels:
     name = "portable"
+
+    # Activations, each in a dtype its op documents (see _float32_if_bf16).
+    @staticmethod
+    def silu(x):
+        return _float32_if_bf16(ops.silu, x)
+
+    @staticmethod
+    def quick_gelu(x):
+        """x * sigmoid(1.702 x), the Qwen2-VL vision MLP's activation."""
+        return _float32_if_bf16(_quick_gelu, x)
+
+    @staticmethod
+    def gelu(x):
+        """The exact (erf) GELU of the PatchMerger."""
+        return _float32_if_bf16(_gelu, x)
 
     @staticmethod
     def rms_norm(x, weight, eps):
@@ -62,7 +94,7 @@ class PortableKernels:
         """silu(gate) * up for gate_up [T, 2 * I] = [gate, up]."""
         half = gate_up.shape[1] // 2
         gate, up = split(gate_up, (half, half), 1, 2)
-        return ops.silu(gate) * up
+        return PortableKernels.silu(gate) * up
 
 
 class AscendKernels(PortableKernels):
@@ -74,7 +106,7 @@ class AscendKernels(PortableKernels):
 
     @staticmethod
     def swiglu(gate_up):
-        return ops.swiglu(gate_up, 1)
+        return ops.swiglu(gate_up, 1)  # documents bfloat16 on Ascend
 
 
 def kernels_for(policy):

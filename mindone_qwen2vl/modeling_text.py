@@ -17,7 +17,7 @@ from mindspore import Tensor, nn, ops
 from .attention import MASK_MIN, SCORES_BUDGET, decode_attention, flash_kernel, prompt_attention, query_blocks
 from .config import Qwen2VLTextConfig
 from .graphs import Step, dynamic, like
-from .kernels import kernels_for, rotate_half_matrix, split
+from .kernels import PortableKernels, kernels_for, rotate_half_matrix, split
 from .layers import Embedding, Linear, PackedLinear, RMSNorm, as_arguments
 from .precision import PrecisionPolicy
 
@@ -83,7 +83,7 @@ def qkv_parts(heads, kv_heads, head_dim, q_span=None, kv_span=None):
 
 
 class Qwen2MLP(nn.Cell):
-    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32, kernels=None):
+    def __init__(self, config: Qwen2VLTextConfig, dtype=ms.float32, kernels=PortableKernels):
         super().__init__()
         inter = config.intermediate_size
         self.kernels = kernels

@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 from .attention import flash_kernel, frame_attention, query_blocks
 from .config import Qwen2VLVisionConfig
 from .graphs import Step, dynamic, like
-from .kernels import broadcast, rotate_half_matrix, split
+from .kernels import PortableKernels, broadcast, kernels_for, rotate_half_matrix, split
 from .layers import LayerNorm, Linear, as_arguments, new_param
 from .precision import PrecisionPolicy
 
@@ -155,15 +155,16 @@ class VisionAttention(nn.Cell):
 
 
 class VisionMlp(nn.Cell):
-    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, kernels=PortableKernels):
         super().__init__()
+        self.kernels = kernels
         hidden = int(config.embed_dim * config.mlp_ratio)
         self.fc1 = Linear(config.embed_dim, hidden, dtype=dtype)
         self.fc2 = Linear(hidden, config.embed_dim, dtype=dtype)
 
     def construct(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         h = self.fc1(x, fc1_weight, fc1_bias)
-        return self.fc2(h * ops.sigmoid(1.702 * h), fc2_weight, fc2_bias)  # QuickGELU
+        return self.fc2(self.kernels.quick_gelu(h), fc2_weight, fc2_bias)
 
 
 class Qwen2VLVisionBlock(nn.Cell):
@@ -180,7 +181,7 @@ class Qwen2VLVisionBlock(nn.Cell):
         self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
         self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = VisionAttention(config, policy.compute_dtype)
-        self.mlp = VisionMlp(config, policy.compute_dtype)
+        self.mlp = VisionMlp(config, policy.compute_dtype, kernels_for(policy))
         self.rotate_half = Tensor(rotate_half_matrix(self.head_dim))
         self.matmul = ops.MatMul()
 
@@ -290,15 +291,26 @@ class MergerStep(Step):
         return self.merger(x)
 
 
+class GELU(nn.Cell):
+    """The exact GELU as a cell (the merger's `mlp` is a sequence: HF's mlp.0 / mlp.2 names)."""
+
+    def __init__(self, kernels):
+        super().__init__()
+        self.kernels = kernels
+
+    def construct(self, x):
+        return self.kernels.gelu(x)
+
+
 class PatchMerger(nn.Cell):
-    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32):
+    def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, kernels=PortableKernels):
         super().__init__()
         self.hidden = config.embed_dim * config.spatial_merge_size ** 2
         self.ln_q = LayerNorm(config.embed_dim, eps=1e-6)
         self.mlp = nn.SequentialCell(
             [
                 Linear(self.hidden, self.hidden, dtype=dtype),
-                nn.GELU(approximate=False),
+                GELU(kernels),
                 Linear(self.hidden, config.hidden_size, dtype=dtype),
             ]
         )
@@ -322,7 +334,7 @@ class Qwen2VisionTransformer(nn.Cell):
         self.patch_embed = PatchEmbed(config, policy.conv_dtype, policy.compute_dtype)
         self.rotary_pos_emb = VisionRotaryEmbedding(config.head_dim)
         self.blocks = nn.CellList([Qwen2VLVisionBlock(config, policy) for _ in range(config.depth)])
-        self.merger = PatchMerger(config, policy.compute_dtype)
+        self.merger = PatchMerger(config, policy.compute_dtype, kernels_for(policy))
         # Steps computing with the first block's cells (never its parameters), as plain attributes: registered
         # sub-cells would prefix their own parameter names.
         steps = dict(embed=VisionEmbed(self.patch_embed, self.rotary_pos_emb),

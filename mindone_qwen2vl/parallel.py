@@ -93,7 +93,8 @@ def same_on_all_ranks(value: int) -> int:
     collective the other never reaches."""
     if get_world_size() == 1:
         return value
-    x = Tensor(np.array([value], np.int64))
+    # int32: HCCL's broadcast documents no int64 (the seeds are drawn below 2**31)
+    x = Tensor(np.array([value], np.int32))
     return int(ops.Broadcast(0, group=_world_group())((x,))[0].asnumpy()[0])
 
 
