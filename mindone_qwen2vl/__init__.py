@@ -7,6 +7,7 @@ __all__ = [
     "Qwen2VLTextConfig",
     "Qwen2VLForConditionalGeneration",
     "Qwen2VLProcessor",
+    "Qwen2_5_VLProcessor",
 ]
 
 _LAZY = {
@@ -15,6 +16,7 @@ _LAZY = {
     "Qwen2VLTextConfig": "config",
     "Qwen2VLForConditionalGeneration": "modeling_qwen2_vl",
     "Qwen2VLProcessor": "processing",
+    "Qwen2_5_VLProcessor": "processing_qwen2_5_vl",
 }
 
 

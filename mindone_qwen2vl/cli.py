@@ -42,7 +42,8 @@ def run(settings: Settings, say):
 
         folder = resolve_folder(settings.model)
 
-    config = _read_config(folder)  # a bad config.json fails here, named, before anything heavy is loaded
+    # A bad config.json (or a model_type we do not serve) fails here, named, before anything heavy is loaded.
+    config, model_cls, processor_cls = _read_config(folder)
     main_rank = True
     if settings.tensor_parallel > 1:
         from .parallel import check_tensor_parallel, init_tensor_parallel, is_main_rank
@@ -58,30 +59,31 @@ def run(settings: Settings, say):
 
     with warnings.catch_warnings():
         warnings.showwarning = warning_printer(say)
-        _run_pipeline(settings, folder, main_rank, say, t)
+        _run_pipeline(settings, folder, main_rank, say, t, model_cls, processor_cls)
 
 
 def _read_config(folder):
-    from .config import Qwen2VLConfig
+    """(config, model class, processor class) of the checkpoint, the classes chosen by its model_type."""
+    from .models import classes_of
 
     path = os.path.join(folder, "config.json")
     try:
-        return Qwen2VLConfig.from_pretrained(folder)
+        model_cls, processor_cls = classes_of(folder)
+        return model_cls.config_class.from_pretrained(folder), model_cls, processor_cls
     except (ValueError, TypeError) as e:  # TypeError: a key of the wrong type reaching a dataclass
         text = str(e)
         raise ValueError(text if path in text else f"{path}: {text}") from e
 
 
-def _run_pipeline(settings, folder, main_rank, say, t):
+def _run_pipeline(settings, folder, main_rank, say, t, model_cls, processor_cls):
     import mindspore as ms
 
     from .precision import resolve_policy
-    from .processing import Qwen2VLProcessor
 
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")  # the user's oneDNN cap
     policy = resolve_policy(settings.dtype, settings.attn_implementation, settings.conv_dtype)
     say(settings_line(settings, policy, folder, isa))
-    processor = Qwen2VLProcessor.from_pretrained(folder)
+    processor = processor_cls.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"  # generation continues every row at the same position
     load = time.perf_counter() - t
 
@@ -93,9 +95,7 @@ def _run_pipeline(settings, folder, main_rank, say, t):
 
     t = time.perf_counter()
     ms.set_context(mode=ms.GRAPH_MODE if settings.mode == "graph" else ms.PYNATIVE_MODE)
-    from .modeling_qwen2_vl import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    model = model_cls.from_pretrained(
         folder, policy=policy, progress=main_rank,
         tensor_parallel_size=settings.tensor_parallel if settings.tensor_parallel > 1 else None)
     load += time.perf_counter() - t

@@ -114,7 +114,7 @@ def build_parser(kind):
     """kind: "image" (test_vqa.py) or "video" (video_understanding.py)."""
     prog = "test_vqa.py" if kind == "image" else "video_understanding.py"
     what = "images" if kind == "image" else "videos"
-    p = _Parser(prog=prog, description=f"Ask Qwen2-VL about {what} (MindSpore, Ascend or CPU).",
+    p = _Parser(prog=prog, description=f"Ask Qwen2-VL or Qwen2.5-VL about {what} (MindSpore, Ascend or CPU).",
                 epilog="Without --model_name_or_path a tiny model with random weights runs the whole pipeline "
                        "(meaningless answers). Exit codes: 0 done, 1 failure, 2 bad arguments, 130 interrupted.")
     m = p.add_argument_group("model")

@@ -222,7 +222,8 @@ class Qwen2VLVideoProcessor:
         min_frames: int = 4,
         max_frames: int = 768,
         size: dict | None = None,
-        **unused,  # the rest of HF's file: processor_class, video_processor_type, resample, ...
+        processor_class: str = "Qwen2VLProcessor",
+        **unused,  # the rest of HF's file: video_processor_type, resample, ...
     ):
         size = size or {}
         # As HF: min_pixels/max_pixels, when given, win over `size`.
@@ -243,6 +244,8 @@ class Qwen2VLVideoProcessor:
         self.num_frames = num_frames
         self.min_frames = min_frames
         self.max_frames = max_frames
+        # Written into the saved file; the processor that saves this one sets its own name, as HF does.
+        self.processor_class = processor_class
 
     @property
     def size(self) -> dict:
@@ -252,7 +255,7 @@ class Qwen2VLVideoProcessor:
         """HF's ``video_preprocessor_config.json`` layout, readable by HF's ``Qwen2VLVideoProcessor`` too."""
         config = {key: getattr(self, key) for key in self.SAVED}
         config.update(size=self.size, resample=BICUBIC, video_processor_type="Qwen2VLVideoProcessor",
-                      processor_class="Qwen2VLProcessor")
+                      processor_class=self.processor_class)
         return config
 
     def save_pretrained(self, save_directory) -> str:
@@ -386,20 +389,31 @@ class Qwen2VLVideoProcessor:
         or a list per sample. ``options``: HF's video processor options (``min_pixels``, ``max_pixels``,
         ``size``, ``do_sample_frames``, ``fps`` (one number or one per video), ``num_frames``, ``video_metadata``
         (one per video), ``patch_size``, ``do_normalize``, ...)."""
+        data, _ = self.process(videos, **options)
+        return _batch(data, return_tensors)
+
+    preprocess = __call__
+
+    def process(self, videos, **options):
+        """(``pixel_values_videos``/``video_grid_thw`` as numpy, frames per second of each video's frames as they
+        were patched, None where nothing says). Qwen2.5-VL's processor turns the rates into
+        ``second_per_grid_ts``; see ``_frame_rate``."""
         videos = _flatten_videos(videos)
         if not videos:
             raise ValueError("videos holds no video: give None when there are no videos")
         do_sample, fps, num_frames = self._sampling(options, len(videos))
+        given_fps = options.get("fps")
         settings = self._options(dict(options))
         metadata = settings.pop("video_metadata", None)
         metadata = _flatten_metadata(metadata) if metadata is not None else [None] * len(videos)
         if len(metadata) != len(videos):
             raise ValueError(f"video_metadata gives {len(metadata)} entries for {len(videos)} video(s)")
-        all_patches, grids = [], []
+        all_patches, grids, rates = [], [], []
         for index, (video, meta) in enumerate(zip(videos, metadata)):
             name = f"video {index + 1} of {len(videos)}"
             try:
                 frames = _video_frames(video, name, settings.get("input_data_format"))
+                total = len(frames)
                 if do_sample:
                     frames = self._sample(frames, index, fps, num_frames, settings, meta)
                 patches, grid = self._patches(frames, settings)
@@ -407,13 +421,41 @@ class Qwen2VLVideoProcessor:
                 raise ValueError(str(err) if str(err).startswith(name) else f"{name}: {err}") from err
             all_patches.append(patches)
             grids.append(grid)
+            rates.append(_frame_rate(_per_video(given_fps, index), _per_video(fps, index) if do_sample else None,
+                                     len(frames) if do_sample and num_frames is not None else None, total, meta))
         data = {
             "pixel_values_videos": np.concatenate(all_patches, axis=0),
             "video_grid_thw": np.asarray(grids, dtype=np.int64),
         }
-        return _batch(data, return_tensors)
+        return data, rates
 
-    preprocess = __call__
+
+def _per_video(value, index):
+    return value[index] if isinstance(value, (list, tuple)) else value
+
+
+def _frame_rate(given_fps, sampled_fps, sampled_count, frames, metadata):
+    """Frames per second of one video's frames, for Qwen2.5-VL's ``second_per_grid_ts``, or None.
+
+    In order: the ``fps`` given with the call (HF's only source); the rate this processor sampled at
+    (``do_sample_frames``: its ``fps``, or ``num_frames`` over the video's duration from ``video_metadata``); the
+    rate ``video_metadata`` describes (``len(frames_indices) / total_num_frames * fps``, which is the sampled fps
+    qwen-vl-utils reports, for its ``return_video_metadata=True`` route). HF 4.57 takes 2 fps in the last two
+    cases whatever the frames are; the model would then place the frames at wrong times.
+    """
+    if given_fps is not None:
+        return float(given_fps)
+    if sampled_fps is not None:
+        return float(sampled_fps)
+    video_fps = _metadata_value(metadata, "fps")
+    if sampled_count is not None:
+        total = _metadata_value(metadata, "total_num_frames") or frames
+        return sampled_count / total * video_fps if video_fps else None
+    indices = _metadata_value(metadata, "frames_indices")
+    total = _metadata_value(metadata, "total_num_frames")
+    if video_fps and total and indices is not None and len(indices):
+        return len(indices) / total * video_fps
+    return None
 
 
 def _batch(data: dict, return_tensors) -> BatchFeature:
@@ -598,6 +640,9 @@ class Qwen2VLProcessor:
         """Tokenizer files, ``preprocessor_config.json``, ``video_preprocessor_config.json`` and
         ``chat_template.jinja``, as HF writes them: ``from_pretrained`` here and in HF reads back the same."""
         os.makedirs(save_directory, exist_ok=True)
+        # As HF: the saved files name the processor that wrote them (AutoProcessor reads it back).
+        self.image_processor._set_processor_class(type(self).__name__)
+        self.video_processor.processor_class = type(self).__name__
         self.tokenizer.save_pretrained(save_directory)
         self.image_processor.save_pretrained(save_directory)
         self.video_processor.save_pretrained(save_directory)
@@ -654,7 +699,7 @@ class Qwen2VLProcessor:
         token id lists as in HF.
         """
         if images is None and text is None and videos is None:
-            raise ValueError("Qwen2VLProcessor needs text, images or videos: all three are None")
+            raise ValueError(f"{type(self).__name__} needs text, images or videos: all three are None")
         options = route_kwargs(kwargs)
         text_options = options["text"]
         return_tensors = text_options.pop("return_tensors", "np")
@@ -664,7 +709,7 @@ class Qwen2VLProcessor:
         if images is not None:
             data.update(self._images(images, options["images"]))
         if videos is not None:
-            data.update(self.video_processor(videos, return_tensors=None, **options["videos"]))
+            data.update(self._videos(videos, options["videos"]))
         if text is None:
             return _batch(data, return_tensors)
 
@@ -683,6 +728,13 @@ class Qwen2VLProcessor:
             image_id = self.image_token_id
             encoded["mm_token_type_ids"] = [[int(t == image_id) for t in row] for row in encoded["input_ids"]]
         return _batch({**encoded, **data}, return_tensors)
+
+    def _videos(self, videos, options: dict) -> dict:
+        return dict(self.video_processor(videos, return_tensors=None, **options))
+
+    def _chat_video_options(self, sampled_fps: list, call_options: dict) -> dict:
+        """Options ``apply_chat_template`` adds for the videos it sampled; Qwen2-VL's inputs need none."""
+        return {}
 
     def _check_truncation(self, texts, input_ids):
         # Cutting a prompt inside its vision tokens would leave the model more features than slots.
@@ -737,14 +789,18 @@ class Qwen2VLProcessor:
         if not tokenize:
             return prompts if batched else prompts[0]
 
-        images, videos = [], []
+        images, videos, sampled_fps = [], [], []
         for conv in conversations:
             # The chat template's own item tests: the media loaded match its placeholders one to one.
             for item in vision_items(conv):
                 if is_image_item(item):
                     images.append(_load_chat_image(item))
                 else:
-                    videos.append(_load_chat_video(item, fps, num_frames))
+                    frames, rate = _load_chat_video(item, fps, num_frames)
+                    videos.append(frames)
+                    sampled_fps.append(rate)
+        if videos:
+            call_options.update(self._chat_video_options(sampled_fps, call_options))
         out = self(text=prompts, images=images or None, videos=videos or None, return_tensors=return_tensors,
                    **call_options)
         return out if return_dict else out["input_ids"]
@@ -794,4 +850,4 @@ def _load_chat_video(item: dict, fps, num_frames):
             ele["nframes"] = num_frames
         elif fps is not None:
             ele["fps"] = fps
-    return fetch_video(ele)
+    return fetch_video(ele, return_video_sample_fps=True)

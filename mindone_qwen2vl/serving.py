@@ -187,15 +187,15 @@ class Server:
         import mindspore as ms
 
         from .engine import Engine
-        from .modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+        from .models import classes_of
         from .precision import resolve_policy
-        from .processing import Qwen2VLProcessor
 
         args = self.args
+        model_cls, processor_cls = classes_of(args.folder)  # by config.json's model_type
         ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
         policy = resolve_policy(args.dtype, args.attn_implementation, args.conv_dtype)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.folder, policy=policy, progress=False)
-        self.processor = Qwen2VLProcessor.from_pretrained(args.folder)
+        model = model_cls.from_pretrained(args.folder, policy=policy, progress=False)
+        self.processor = processor_cls.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len).start()
         self.ready = True
@@ -394,7 +394,8 @@ async def stream(server, requests, rid, created, started, include_usage):
 
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="serve.py", description="An OpenAI-compatible server for Qwen2-VL on MindSpore.")
+    p = argparse.ArgumentParser(prog="serve.py",
+                                description="An OpenAI-compatible server for Qwen2-VL and Qwen2.5-VL on MindSpore.")
     p.add_argument("--model_name_or_path", help="HF or converted folder, or hub id; absent: the tiny random-weight "
                                                 "default model")
     p.add_argument("--served_model_name", help="the model name clients use (default: the folder's name)")

@@ -1,7 +1,9 @@
-"""An OpenAI-compatible server for Qwen2-VL on MindSpore (chat completions with images and videos, streaming).
+"""An OpenAI-compatible server for Qwen2-VL and Qwen2.5-VL on MindSpore (chat completions with images and
+videos, streaming).
 
     python scripts/serve.py --model_name_or_path ./Qwen2-VL-2B-Instruct --port 8000 --max_batch 8
 
+The model and processor classes follow the checkpoint's config.json `model_type` (mindone_qwen2vl/models.py).
 Without --model_name_or_path a tiny model with random weights answers (meaningless text). All options:
 `python scripts/serve.py --help`; the API: README.md, "Serving".
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ask Qwen2-VL about a video; the answer streams as it is generated, then the timings.
+"""Ask Qwen2-VL or Qwen2.5-VL about a video; the answer streams as it is generated, then the timings.
 
     python scripts/video_understanding.py --video clip.mp4 --prompt "What happens in this video?"
     python scripts/video_understanding.py --config qwen2-vl-7b-instruct --model_name_or_path ./Qwen2-VL-7B-Instruct \\
@@ -8,7 +8,8 @@
 
 Frames: --fps (default 2 per second) or --nframes; size: --min_pixels/--max_pixels per frame and
 --total_pixels for the whole video. Without --model_name_or_path a tiny model with random weights runs the
-whole pipeline: the answer is meaningless. All options: --help (mindone_qwen2vl/cli_args.py).
+whole pipeline: the answer is meaningless. The model and processor classes follow the checkpoint's
+config.json `model_type` (qwen2_vl, qwen2_5_vl; mindone_qwen2vl/models.py). All options: --help (mindone_qwen2vl/cli_args.py).
 Exit codes: 0 done, 1 failure, 2 bad arguments, 130 interrupted (Ctrl-C; nothing is written).
 """
 import os
