@@ -36,6 +36,19 @@ def flash_kernel(policy):
     return policy.flash_kernel or ops.flash_attention_score
 
 
+FLASH_MAX_HEAD_DIM = 512
+FLASH_MAX_BATCH = 2048  # ops.flash_attention_score documents B from 1 to 2k
+
+
+def check_flash_head_dim(d):
+    """The flash kernel documents head sizes that are multiples of 16, at most 512 (Qwen2-VL's 80 and 128
+    are). Checked when a graph is built (d is a constant then), before the kernel could be given a bad size."""
+    if d % 16 or d > FLASH_MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention_2 needs a head size that is a multiple of 16 and at most "
+                         f"{FLASH_MAX_HEAD_DIM} (ops.flash_attention_score); this model's is {d}: use "
+                         "attn_implementation='eager'")
+
+
 def _softmax_fp32(scores, dtype):
     # Scores arrive in float32 (masks hold float32's most negative value, which is -inf in fp16 and would
     # turn a fully masked padding row into NaN); softmax in float32 as HF does, then back to the compute dtype.
@@ -47,6 +60,7 @@ def frame_attention(q, k, v, impl="eager", flash_dtype=ms.float16, kernel=None):
     [H, F, L, D] -> [F * Lq, H * D]. No mask: every key of a frame is a real patch."""
     heads, d = q.shape[0], q.shape[3]
     if impl == "flash_attention_2":
+        check_flash_head_dim(d)
         bnsd = (1, 0, 2, 3)
         out = kernel(q.transpose(bnsd).astype(flash_dtype), k.transpose(bnsd).astype(flash_dtype),
                      v.transpose(bnsd).astype(flash_dtype), heads, scalar_value=1.0, input_layout="BNSD",
@@ -67,6 +81,7 @@ def prompt_attention(q, k, v, mask, kv_index, impl="eager", flash_dtype=ms.float
     arithmetic at every call."""
     heads, d = q.shape[0], q.shape[2]
     if impl == "flash_attention_2":
+        check_flash_head_dim(d)
         # BNSD with the KV heads as they are (the kernel takes N2 dividing N1); its mask is boolean, True
         # where a key is discarded, [B, 1, S1, S2].
         out = kernel(q.expand_dims(0).astype(flash_dtype), k.expand_dims(0).astype(flash_dtype),
@@ -86,6 +101,7 @@ def decode_attention(q, k, v, mask, impl="eager", flash_dtype=ms.float16, kernel
     float32 [B, 1, 1, L] -> [B, H * D]."""
     b, heads, d = q.shape
     if impl == "flash_attention_2":
+        check_flash_head_dim(d)
         out = kernel(q.reshape(b, heads, 1, d).astype(flash_dtype), k.astype(flash_dtype), v.astype(flash_dtype),
                      heads, attn_mask=mask < -1.0, scalar_value=1.0, input_layout="BNSD", sparse_mode=0)
         return out.astype(q.dtype).reshape(b, heads * d)

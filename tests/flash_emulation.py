@@ -51,6 +51,10 @@ def _attend(q, k, v, discard, scale):
     scores = ops.matmul(q.astype(ms.float32), k.astype(ms.float32).swapaxes(-1, -2)) * scale
     if discard is not None:
         scores = ops.masked_fill(scores, discard, ms.Tensor(-1e30, ms.float32))
+        # A query row with every key discarded is undefined in the kernel's docs: give it NaN, the worst it
+        # could be, so that a parity test fails if such a row ever reaches a real output.
+        all_discarded = ops.broadcast_to(discard, scores.shape).all(-1, keep_dims=True)
+        scores = ops.masked_fill(scores, all_discarded, ms.Tensor(float("nan"), ms.float32))
     probs = ops.softmax(scores, -1)
     return ops.matmul(probs, v.astype(ms.float32)).astype(q.dtype)
 
@@ -86,6 +90,11 @@ def emulated_flash_attention_score(query, key, value, head_num, real_shift=None,
     if input_layout == "TND":
         return _tnd(query, key, value, head_num, actual_seq_qlen, actual_seq_kvlen, scalar_value, sparse_mode)
     return _dense(query, key, value, head_num, attn_mask, scalar_value, input_layout, sparse_mode)
+
+
+def _check_batch(b):
+    if b > 2048:  # documented range of B: 1 to 2k (a dynamic B is -1 when the graph compiles)
+        raise RuntimeError(f"batch {b} is above the kernel's documented 2048")
 
 
 def _check_heads(head_num, n1, n2, d):
@@ -126,6 +135,7 @@ def _dense(query, key, value, head_num, attn_mask, scale, layout, sparse_mode):
     n1, d = q.shape[1], q.shape[3]
     n2 = {"BNSD": key.shape[1], "BSND": key.shape[2]}.get(layout, key.shape[-1] // d)
     _check_heads(head_num, n1, n2, d)
+    _check_batch(q.shape[0])
     k = _to_bnsd(key, layout, n2)
     v = _to_bnsd(value, layout, n2)
     s1, s2 = q.shape[2], k.shape[2]

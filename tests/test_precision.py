@@ -204,3 +204,12 @@ def test_importing_the_package_has_no_effects_on_the_process():
     assert before == after, out.stdout
     assert lines["ISA"] == "[]", out.stdout
     assert lines["ENV_CHANGED"] == "[]", out.stdout
+
+
+def test_flash_refuses_a_head_size_its_kernel_does_not_document(tiny_hf):
+    """The default tiny checkpoint has vision heads of 8 (32/4): the flash kernel documents multiples of 16
+    only, so the flash path says so and names the way out instead of handing the NPU a bad shape."""
+    _, folder = tiny_hf
+    model = load(folder, policy=FLASH)
+    with pytest.raises(ValueError, match="multiple of 16.*this model's is 8.*eager"):
+        model(**case_inputs("image"))
