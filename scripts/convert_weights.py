@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Qwen2-VL checkpoint (torch .bin or safetensors) into a MindSpore one.
+"""Convert a Hugging Face Qwen2-VL or Qwen2.5-VL checkpoint (torch .bin or safetensors) into a MindSpore one.
 
     python scripts/convert_weights.py --src Qwen2-VL-7B-Instruct --dst Qwen2-VL-7B-Instruct-ms --dtype bf16
 
-DST then loads with `Qwen2VLForConditionalGeneration.from_pretrained(DST)` and
-`Qwen2VLProcessor.from_pretrained(DST)`. Exit codes: 0 done, 1 conversion failed (one line on stderr naming
-the file and the problem; nothing is left at DST), 2 bad arguments (among them a missing SRC, or a DST that
-exists without --overwrite), 130 interrupted (nothing is left at DST).
+DST keeps config.json's model_type and loads with the classes it names (mindone_qwen2vl.models.classes_of),
+e.g. `Qwen2_5_VLForConditionalGeneration.from_pretrained(DST)` and `Qwen2_5_VLProcessor.from_pretrained(DST)`.
+Exit codes: 0 done, 1 conversion failed (one line on stderr naming the file and the problem; nothing is left at
+DST), 2 bad arguments (among them a missing SRC, or a DST that exists without --overwrite), 130 interrupted
+(nothing is left at DST).
 """
 import argparse
 import os
