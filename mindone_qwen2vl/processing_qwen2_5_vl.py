@@ -27,7 +27,14 @@ class Qwen2_5_VLProcessor(Qwen2VLProcessor):
     """
 
     def _videos(self, videos, options: dict) -> dict:
-        data, rates = self.video_processor.process(videos, **options)
+        if hasattr(self.video_processor, "process"):
+            data, rates = self.video_processor.process(videos, **options)
+        else:  # another video processor (HF's): only the fps given says anything of the frames' rate, as in HF
+            data = dict(self.video_processor(videos, return_tensors=None, **options))
+            fps, count = options.get("fps"), len(data["video_grid_thw"])
+            if isinstance(fps, (list, tuple)) and len(fps) != count:
+                raise ValueError(f"fps gives {len(fps)} value(s) for {count} video(s)")
+            rates = list(fps) if isinstance(fps, (list, tuple)) else [fps] * count
         step = self.video_processor.temporal_patch_size
         data["second_per_grid_ts"] = [step / (rate if rate is not None else DEFAULT_FPS) for rate in rates]
         return data

@@ -259,3 +259,15 @@ def test_save_pretrained_round_trip(ours, folder, tmp_path):
     Qwen2VLProcessor.from_pretrained(folder).save_pretrained(str(tmp_path / "as_qwen2"))
     with open(tmp_path / "as_qwen2" / "video_preprocessor_config.json", encoding="utf-8") as f:
         assert json.load(f)["processor_class"] == "Qwen2VLProcessor"
+
+
+def test_another_video_processor_gets_hf_s_rule(folder, hf):
+    """With a video processor of another kind (here HF's numpy path, as HF's own would be), only the fps given
+    sets second_per_grid_ts, as in HF."""
+    other = Qwen2_5_VLProcessor(hf.image_processor, hf.tokenizer, hf.video_processor)
+    texts = [prompt("video", "video", "video")]
+    for options in ({}, {"fps": 4.0}, {"fps": [1, 2, 4]}):
+        assert_same(other(text=texts, videos=small_videos(), return_tensors="np", **options),
+                    hf(text=texts, videos=small_videos(), return_tensors="np", **options))
+    with pytest.raises(ValueError, match=r"fps gives 2 value\(s\) for 3 video"):
+        other(text=texts, videos=small_videos(), fps=[1.0, 2.0])

@@ -344,7 +344,8 @@ def process_vision_info(
 
     With ``return_video_kwargs`` also the keywords for the processor: ``{"do_sample_frames": False,
     "fps": [sampled fps of each video]}`` (without "fps" when ``return_video_metadata``, which makes each
-    video a ``(frames, metadata)`` pair, as upstream).
+    video a ``(frames, metadata)`` pair, as upstream). Qwen2.5-VL's processor turns these fps into
+    ``second_per_grid_ts`` (``temporal_patch_size / fps``); Qwen2-VL's inputs do not depend on them.
     """
     images, videos, video_fps = [], [], []
     for ele in extract_vision_info(conversations):
