@@ -141,3 +141,18 @@ def test_video_script_passes_second_per_grid_ts(qwen25, monkeypatch, capsys):
                               "--max_new_tokens", "2"])
     assert code == 0, capsys.readouterr().err
     assert [np.asarray(s).tolist() for s in seen] == [[2.5]]  # 4 frames of 5 s at --fps 1: 0.8 fps
+
+
+def test_unknown_model_type_is_one_line_naming_config_json(tmp_path, capsys):
+    """Found from config.json before any weight or media is loaded: exit 1, the file and the supported types."""
+    from mindone_qwen2vl import cli
+
+    shutil.copytree(TOKENIZER_DIR, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), model_type="qwen3_vl")))
+    code = cli.main("image", ["--model_name_or_path", str(tmp_path / "ckpt"), "--image", IMG1])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"test_vqa.py: error: {config}: model_type 'qwen3_vl' is not supported; supported model types: "
+        "'qwen2_vl', 'qwen2_5_vl' (--debug shows the traceback)")
