@@ -48,13 +48,15 @@ class LayerKVCache(nn.Cell):
 class StaticCache(nn.Cell):
     """The KV caches of every decoder layer plus the attention mask over them."""
 
-    def __init__(self, text_config, batch, max_len, dtype=ms.float32, kv_heads=None):
-        """kv_heads: the KV heads the decoder holds in this process; under tensor parallelism (parallel.py)
-        a rank holds fewer than the config's num_key_value_heads."""
+    def __init__(self, text_config, batch, max_len, dtype=ms.float32, kv_heads=None, input_dtype=None):
+        """dtype: what the cache stores (precision.PrecisionPolicy.cache_dtype); input_dtype: what the prompt's
+        keys and values arrive in (default: dtype). kv_heads: the KV heads the decoder holds in this process;
+        under tensor parallelism (parallel.py) a rank holds fewer than the config's num_key_value_heads."""
         super().__init__(auto_prefix=False)
         self.batch = batch
         self.max_len = max_len
         self.kv_heads = kv_heads or text_config.num_key_value_heads
+        self.input_dtype = input_dtype or dtype
         head_dim = text_config.head_dim
         self.layers = nn.CellList([
             LayerKVCache(batch, self.kv_heads, max_len, head_dim, dtype, f"kv_cache.{i}")
@@ -100,8 +102,7 @@ class WritePrompt(Step):
 
     def specs(self):
         kv, d = self.cache.kv_heads, self.cache.layers[0].shape[3]
-        dtype = self.cache.layers[0].key.dtype
-        entry = dynamic((kv, None, d), dtype)
+        entry = dynamic((kv, None, d), self.cache.input_dtype)
         return (dynamic((kv, None), ms.int32),) + (entry,) * (2 * len(self.cache.layers))
 
     def construct(self, rows, *kv):

@@ -9,6 +9,9 @@ Chosen by the policy:
 - conv_dtype: the patch-embed Conv3d (bf16 on Ascend, where Conv3D runs in fp16/bf16 only).
 - attn_implementation: "eager" (everywhere) or "flash_attention_2" (Ascend); flash runs its q/k/v in
   FLASH_DTYPE (fp16), the dtype its kernel is fastest and validated in.
+- cache_dtype: the KV cache stores keys and values in the dtype attention reads them in: the flash dtype under
+  flash attention (each key is cast once when written, instead of the whole cache at every layer of every
+  decode step), else the compute dtype.
 On a CPU, bf16 matmul/softmax/conv and flash attention have no kernels: asking for them warns and falls back
 (bf16 -> float32, flash -> eager), never aborts.
 """
@@ -58,6 +61,10 @@ class PrecisionPolicy:
     rope_dtype = ms.float32
     logits_dtype = ms.float32
 
+    @property
+    def cache_dtype(self):
+        return self.flash_dtype if self.attn_implementation == "flash_attention_2" else self.compute_dtype
+
     def describe(self):
         """Module -> dtype, for logs, the README table and tests."""
         attn = f"flash_attention_2 ({self.flash_dtype})" if self.attn_implementation == "flash_attention_2" else \
@@ -67,6 +74,7 @@ class PrecisionPolicy:
             "linear/embedding": str(self.compute_dtype),
             "patch_embed Conv3d": str(self.conv_dtype),
             "attention": attn,
+            "KV cache": str(self.cache_dtype),
             "LayerNorm/RMSNorm": str(self.norm_dtype),
             "rotary": str(self.rope_dtype),
             "logits": str(self.logits_dtype),
