@@ -1,4 +1,4 @@
-"""Qwen2-VL for MindSpore (CPU and Ascend), numerically matched to Hugging Face transformers."""
+"""Qwen2-VL and Qwen2.5-VL for MindSpore (CPU and Ascend), numerically matched to Hugging Face transformers."""
 __version__ = "0.1.0"
 
 __all__ = [
@@ -6,6 +6,8 @@ __all__ = [
     "Qwen2VLVisionConfig",
     "Qwen2VLTextConfig",
     "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLConfig",
+    "Qwen2_5_VLForConditionalGeneration",
     "Qwen2VLProcessor",
     "Qwen2_5_VLProcessor",
 ]
@@ -15,6 +17,8 @@ _LAZY = {
     "Qwen2VLVisionConfig": "config",
     "Qwen2VLTextConfig": "config",
     "Qwen2VLForConditionalGeneration": "modeling_qwen2_vl",
+    "Qwen2_5_VLConfig": "config",
+    "Qwen2_5_VLForConditionalGeneration": "modeling_qwen2_5_vl",
     "Qwen2VLProcessor": "processing",
     "Qwen2_5_VLProcessor": "processing_qwen2_5_vl",
 }

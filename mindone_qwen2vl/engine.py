@@ -44,6 +44,7 @@ class Request:
         self.id = next(self._ids)
         self.ids, self.images, self.videos = ids, images, videos
         self.options, self.stop, self.seed = options, tuple(stop or ()), seed
+        self.second_per_grid_ts = None  # Qwen2.5-VL videos: seconds per temporal grid step (submit's argument)
         self.tokens = []
         self.text = ""
         self.finish_reason = None
@@ -130,11 +131,13 @@ class Engine:
             self.thread.join(timeout)
 
     def submit(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-               pixel_values_videos=None, video_grid_thw=None, *, stop=None, seed=None, **options) -> Request:
+               pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *, stop=None, seed=None,
+               **options) -> Request:
         """One conversation (the processor's output for one row) and generate()'s options (max_new_tokens,
         do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, min_new_tokens) plus `stop`
-        (strings; needs the tokenizer) and `seed`. Checked here, on the caller's thread: a bad request raises
-        ValueError before it is queued; a full queue raises EngineFull."""
+        (strings; needs the tokenizer) and `seed`. `second_per_grid_ts`: Qwen2.5-VL's seconds per temporal grid
+        step of each video (the processor's output), as in HF. Checked here, on the caller's thread: a bad request
+        raises ValueError before it is queued; a full queue raises EngineFull."""
         ids, mask, images, videos = check_inputs(self.model.config, input_ids, attention_mask, pixel_values,
                                                  image_grid_thw, pixel_values_videos, video_grid_thw)
         if ids.shape[0] != 1:
@@ -153,7 +156,12 @@ class Engine:
             raise ValueError("stop strings need the engine's tokenizer")
         if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+        if second_per_grid_ts is not None:
+            # Checked now (the positions it gives are computed at prefill, on the engine's thread).
+            grids = [None if media is None else media[1] for media in (images, videos)]
+            self.model.get_rope_index(ids, *grids, None, second_per_grid_ts)
         request = Request(ids, images, videos, resolved, stop, seed)
+        request.second_per_grid_ts = second_per_grid_ts
         with self.cond:
             if self.stopping:
                 raise EngineStopped("the engine is stopped")
@@ -210,7 +218,7 @@ class Engine:
         mask = np.ones_like(request.ids)
         with model.lock:
             embeds = model.embed(request.ids, pixels, grid, vpixels, vgrid)
-            positions, deltas = model.get_rope_index(request.ids, grid, vgrid, mask)
+            positions, deltas = model.get_rope_index(request.ids, grid, vgrid, mask, request.second_per_grid_ts)
             (_, hidden, kv), = model.prompt_rows(embeds, positions, mask, keep_last=1, keep_kv=True)
             cache = self.runner.cache
             cache.write_prompt(Tensor(cache.prompt_rows(slot, request.prompt_tokens)), *kv)

@@ -278,8 +278,9 @@ class Runner:
 
     def __init__(self, model, rows, length):
         self.rows, self.length = rows, length
-        self.cache = StaticCache(model.config.text_config, rows, length, model.policy.compute_dtype,
-                                 kv_heads=model.model.layers[0].self_attn.num_kv_heads)
+        self.cache = StaticCache(model.config.text_config, rows, length, model.policy.cache_dtype,
+                                 kv_heads=model.model.layers[0].self_attn.num_kv_heads,
+                                 input_dtype=model.policy.compute_dtype)
         self.decode = DecodeOneToken(model, self.cache)
         self.first_call_s = None  # the first decode call: compilation (GRAPH_MODE) and one step
         self.step_s = None  # later calls, a running average
@@ -378,8 +379,8 @@ def stop_string_rows(tokenizer, stop_strings, rows):
 
 
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-             pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None, min_new_tokens=None,
-             max_length=None, do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *, max_new_tokens=None,
+             min_new_tokens=None, max_length=None, do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
              eos_token_id=None, pad_token_id=None, num_return_sequences=None, stop_strings=None, tokenizer=None,
              return_dict_in_generate=False, output_scores=False, output_logits=False, streamer=None,
              progress=False, use_cache=True, inputs_embeds=None, **unknown):
@@ -397,6 +398,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     `stop_strings` (with `tokenizer=`) end a row as HF's StopStringCriteria does (the text kept, as HF does).
     `return_dict_in_generate=True` returns a GenerateOutput (sequences, and scores / logits when asked).
     Generation from `inputs_embeds` alone is not supported: pass input_ids (and the vision inputs).
+    `second_per_grid_ts` (Qwen2.5-VL, from its processor): seconds per temporal grid step of each video, as HF.
 
     Returns the ids with the prompt first, [batch, prompt + new] int64, like HF: a numpy array, or an
     ms.Tensor when input_ids was one (so `out[:, inputs["input_ids"].shape[1]:]` and
@@ -435,7 +437,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     batch = prompts * copies  # HF's order: the copies of a prompt side by side
 
     embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
+    position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask, second_per_grid_ts)
     lengths = np.repeat(mask.sum(-1), copies)
     runner = model.runners.get(batch, int(lengths.max()) + options.max_new_tokens, options.max_new_tokens)
     # Each row's sequence starts at position 0 of its cache row, its padding left out; the rope delta moves

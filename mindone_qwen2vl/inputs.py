@@ -17,14 +17,28 @@ def to_numpy(x, dtype=None):
     return x if dtype is None else x.astype(dtype)
 
 
+def temporal_positions(frames, second_per_grid_t, tokens_per_second):
+    """Qwen2.5-VL's temporal position of each video frame (grid step): its time in seconds times
+    tokens_per_second, rounded down. Computed in float32 as Qwen's reference and vLLM do, keeping fractional
+    seconds (0.5 s per grid step at 25 tokens/s: 0, 12, 25, ...). HF transformers 4.57.1 casts
+    second_per_grid_t to an integer first (0.5 -> 0: every frame at time 0); the two agree whenever
+    second_per_grid_t is a whole number."""
+    t = np.arange(frames, dtype=np.float32) * np.float32(second_per_grid_t) * np.float32(tokens_per_second)
+    return t.astype(np.int64)
+
+
 def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
                    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                   spatial_merge_size=2):
+                   spatial_merge_size=2, second_per_grid_ts=None, tokens_per_second=None):
     """3-axis (temporal, height, width) position ids for M-RoPE, computed on the host.
 
     Text tokens advance all three axes together. A vision item of grid (t, h, w) becomes t*h*w/4 tokens
     laid out as (t, h/2, w/2); its positions start where the text stopped, each axis counting its own index,
     and the text after it resumes at one past the largest position used. Padding (attention_mask 0) gets 1.
+
+    Qwen2-VL (tokens_per_second None): the temporal index is the frame index. Qwen2.5-VL (tokens_per_second
+    given): a video's frame f is at temporal_positions(f, second_per_grid_ts[video], tokens_per_second)
+    (second_per_grid_t 1.0 when not given, as HF), an image's at 0.
 
     Example: one image of grid (1, 4, 4) (2x2 tokens) after 2 text tokens, then 1 text token:
         temporal: 0 1 2 2 2 2 4
@@ -38,6 +52,14 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
     if ids.ndim == 1:
         ids = ids[None]
     batch, seq = ids.shape
+    seconds = None
+    if tokens_per_second is not None and video_grid_thw is not None:
+        videos = np.asarray(to_numpy(video_grid_thw)).reshape(-1, 3).shape[0]
+        seconds = np.ones(videos) if second_per_grid_ts is None else np.asarray(to_numpy(second_per_grid_ts),
+                                                                                 np.float64).reshape(-1)
+        if seconds.shape != (videos,) or not np.isfinite(seconds).all() or (seconds < 0).any():
+            raise ValueError(f"second_per_grid_ts must hold one finite number >= 0 per video ({videos}), got "
+                             f"{np.asarray(to_numpy(second_per_grid_ts)).tolist()}")
     mask = np.ones_like(ids) if attention_mask is None else to_numpy(attention_mask, np.int64).reshape(batch, seq)
     if image_grid_thw is None and video_grid_thw is None:
         if attention_mask is None:
@@ -53,6 +75,7 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
         video_token_id: iter(np.asarray(to_numpy(video_grid_thw) if video_grid_thw is not None else [],
                                         np.int64).reshape(-1, 3)),
     }
+    video_index = 0
     position_ids = np.ones((3, batch, seq), np.int64)
     deltas = np.zeros((batch, 1), np.int64)
     for b in range(batch):
@@ -80,9 +103,17 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
             text_len = start - cursor
             pieces.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
             base = next_pos + text_len
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            times = np.arange(t)
+            if tokens_per_second is not None:
+                if kind == video_token_id:
+                    times = temporal_positions(t, seconds[video_index], tokens_per_second)
+                else:
+                    times = np.zeros(t, np.int64)
+            if kind == video_token_id:
+                video_index += 1
+            tt, hh, ww = np.meshgrid(times, np.arange(gh), np.arange(gw), indexing="ij")
             pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + base)
-            next_pos = base + max(t, gh, gw)
+            next_pos = base + max(int(times[-1]), gh - 1, gw - 1) + 1
             cursor = start + t * gh * gw
         if cursor < n:
             pieces.append(np.broadcast_to(np.arange(n - cursor) + next_pos, (3, n - cursor)))

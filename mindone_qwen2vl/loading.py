@@ -16,7 +16,6 @@ import numpy as np
 from mindspore import Tensor
 from tqdm.auto import tqdm
 
-from .config import Qwen2VLConfig
 from .weight_files import find_weights, open_weights
 
 # Newer transformers (>= 4.52) nest the decoder and the tower under `model.`; ours is the original layout.
@@ -178,7 +177,7 @@ def load_pretrained(cls, path_or_hub_id, policy=None, progress=True, tensor_para
     from .parallel import check_tensor_parallel, init_tensor_parallel, shard_model
 
     folder = resolve_folder(str(path_or_hub_id))
-    config = Qwen2VLConfig.from_pretrained(folder)
+    config = cls.config_class.from_pretrained(folder)
     if tensor_parallel_size is not None:
         check_tensor_parallel(config.text_config, tensor_parallel_size)  # before joining the job
     model = cls(config, policy)  # placeholders allocate nothing until loaded: sharding first is cheap

@@ -59,7 +59,13 @@ class HeadStep(Step):
 
 
 class Qwen2VLForConditionalGeneration(nn.Cell):
-    """Qwen2-VL: `visual` (vision tower), `model` (decoder), `lm_head`; HF parameter names."""
+    """Qwen2-VL: `visual` (vision tower), `model` (decoder), `lm_head`; HF parameter names.
+
+    Qwen2.5-VL (modeling_qwen2_5_vl) is this class with another config, tower and temporal positions."""
+
+    config_class = Qwen2VLConfig
+    vision_class = Qwen2VisionTransformer
+    tokens_per_second = None  # Qwen2-VL's temporal positions count frames, not seconds
 
     def __init__(self, config: Qwen2VLConfig, policy: Optional[PrecisionPolicy] = None):
         super().__init__()
@@ -68,7 +74,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.config = config
         self.policy = policy or resolve_policy()
         dtype = self.policy.compute_dtype
-        self.visual = Qwen2VisionTransformer(config.vision_config, self.policy)
+        self.visual = self.vision_class(config.vision_config, self.policy)
         self.model = Qwen2VLTextModel(config.text_config, self.policy)
         text = config.text_config
         tied = self.model.embed_tokens.weight if config.tie_word_embeddings else None
@@ -106,12 +112,16 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+    def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
+                       second_per_grid_ts=None):
+        """See inputs.get_rope_index; second_per_grid_ts (seconds per temporal grid step of each video) matters
+        to Qwen2.5-VL only, as in HF."""
         c = self.config
         return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
                               image_token_id=c.image_token_id, video_token_id=c.video_token_id,
                               vision_start_token_id=c.vision_start_token_id,
-                              spatial_merge_size=c.vision_config.spatial_merge_size)
+                              spatial_merge_size=c.vision_config.spatial_merge_size,
+                              second_per_grid_ts=second_per_grid_ts, tokens_per_second=self.tokens_per_second)
 
     @serialized
     def get_vision_features(self, pixel_values, grid_thw):
@@ -177,7 +187,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
 
     @serialized
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep=0, **unused):
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, logits_to_keep=0,
+                second_per_grid_ts=None, **unused):
         """Logits [batch, seq, vocab] float32; `logits_to_keep=n` (n > 0) keeps only the last n positions, as
         in HF (the vocabulary projection of every prompt position is most of a long prefill's work), and the
         last decoder layer then computes those positions only (see Qwen2VLTextModel.prompt)."""
@@ -192,7 +203,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         embeds = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         rope_deltas = None
         if position_ids is None:
-            position_ids, rope_deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, mask)
+            position_ids, rope_deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, mask,
+                                                            second_per_grid_ts)
         position_ids = to_numpy(position_ids, np.int64).reshape(3, batch, seq)
         kept = seq if not logits_to_keep or logits_to_keep >= seq else int(logits_to_keep)
         # Padding positions keep zero logits: each row runs without its padding.

@@ -22,20 +22,65 @@ from .precision import PrecisionPolicy
 
 # ---------------------------------------------------------------------------------------------- host plan
 @dataclass
+class AttentionLayout:
+    """Which rows attend to which, for a sequence cut into consecutive segments (frames, or Qwen2.5-VL's
+    windows) that attend only within themselves.
+
+    Segments of the same length are batched: each group is [F, L] row indices (`groups[g]`), so attention runs
+    on a [F, heads, L, L] batch with no padding and no mask. Query positions are split into blocks
+    (`blocks[g]`) when a group's eager scores would not fit attention.SCORES_BUDGET. `unpad` takes the rows of
+    the concatenated outputs (group by group, block by block, each [F, block]) back to sequence order; None
+    when they are in that order already.
+    """
+
+    groups: List[np.ndarray]  # [F, L] int32 per segment length
+    blocks: List[List[Tuple[int, int]]]  # query position ranges within the segments of each group
+    unpad: Optional[np.ndarray]  # [N] int32
+
+
+def segment_layout(lengths, num_heads=1, impl="eager") -> AttentionLayout:
+    """The AttentionLayout of consecutive segments of the given lengths (zero lengths are skipped)."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    groups, blocks, order = [], [], []
+    for length in sorted(set(lengths.tolist()) - {0}):
+        rows = starts[lengths == length][:, None] + np.arange(length)[None, :]
+        groups.append(rows.astype(np.int32))
+        blocks.append(query_blocks(length, length, len(rows) * num_heads, impl))
+        order += [rows[:, a:b].reshape(-1) for a, b in blocks[-1]]
+    order = np.concatenate(order)
+    in_order = (order == np.arange(len(order))).all()
+    unpad = None if in_order else np.argsort(order, kind="stable").astype(np.int32)
+    return AttentionLayout(groups, blocks, unpad)
+
+
+@dataclass
 class VisionPlan:
     """Host-side tables for one call of the tower.
 
-    Attention never crosses a frame. Frames of the same length are batched: each group is [F, L] patch indices
-    (`groups[g]`, rows of the tower's input), so attention runs on a [F, heads, L, L] batch with no padding
-    and no mask. Query positions are split into blocks (`blocks[g]`) when a group's eager scores would not fit
-    attention.SCORES_BUDGET. `unpad` takes the rows of the concatenated outputs (group by group, block by
-    block, each [F, block]) back to patch order; None when they are in patch order already.
+    Attention never crosses a frame (`frames`). Qwen2.5-VL's windowed blocks attend within windows instead
+    (`windows`); the blocks then see the patches reordered window by window (`order`), which keeps each
+    frame's patches together, so `frames` is laid out over that order too, and `restore` puts the merged
+    features back in the processor's order at the end.
     """
 
-    rot_pos: np.ndarray  # [N, 2] int32: (row, col) of each patch, patches in 2x2 merge-window order
-    groups: List[np.ndarray]  # [F, L] int32 per frame length
-    blocks: List[List[Tuple[int, int]]]  # query position ranges within the frames of each group
-    unpad: Optional[np.ndarray]  # [N] int32
+    rot_pos: np.ndarray  # [N, 2] int32: (row, col) of each patch, in the order the blocks see the patches
+    frames: AttentionLayout
+    windows: Optional[AttentionLayout] = None
+    order: Optional[np.ndarray] = None  # [N] int32: processor patch row of each row the blocks see
+    restore: Optional[np.ndarray] = None  # [N / merge^2] int32: merger output row of each merged feature
+
+    @property
+    def groups(self):
+        return self.frames.groups
+
+    @property
+    def blocks(self):
+        return self.frames.blocks
+
+    @property
+    def unpad(self):
+        return self.frames.unpad
 
 
 def _merge_window_positions(h, w, merge):
@@ -47,8 +92,20 @@ def _merge_window_positions(h, w, merge):
     return np.stack([rows, cols], axis=-1)
 
 
-def vision_plan(grid_thw, spatial_merge_size=2, num_heads=1, impl="eager") -> VisionPlan:
-    """Rotary positions, the per-frame attention groups and their query blocks for the given grids."""
+def _windows(t, gh, gw, size):
+    """Merged tokens of a (t, gh, gw) token grid in window order (size x size tokens per window, row-major
+    windows per frame, row-major tokens per window; windows at the right and bottom edges are cut short)
+    and the number of tokens of each window."""
+    nh, nw = -(-gh // size), -(-gw // size)
+    padded = np.full((t, nh * size, nw * size), -1, np.int64)
+    padded[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
+    tiles = padded.reshape(t, nh, size, nw, size).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, size * size)
+    return tiles[tiles >= 0], (tiles >= 0).sum(-1)
+
+
+def vision_plan(grid_thw, spatial_merge_size=2, num_heads=1, impl="eager", window=None) -> VisionPlan:
+    """Rotary positions and attention layouts for the given grids. window: merged tokens per window side
+    (Qwen2.5-VL), None for frame attention only (Qwen2-VL)."""
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     for t, h, w in grid_thw:
         if t < 1 or h < 1 or w < 1 or h % spatial_merge_size or w % spatial_merge_size:
@@ -57,18 +114,22 @@ def vision_plan(grid_thw, spatial_merge_size=2, num_heads=1, impl="eager") -> Vi
     rot_pos = np.concatenate(
         [np.tile(_merge_window_positions(h, w, spatial_merge_size), (t, 1)) for t, h, w in grid_thw]
     ).astype(np.int32)
-    frame_lens = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    starts = np.concatenate([[0], np.cumsum(frame_lens)[:-1]])
-    groups, blocks, order = [], [], []
-    for length in sorted(set(frame_lens.tolist())):
-        rows = starts[frame_lens == length][:, None] + np.arange(length)[None, :]
-        groups.append(rows.astype(np.int32))
-        blocks.append(query_blocks(length, length, len(rows) * num_heads, impl))
-        order += [rows[:, a:b].reshape(-1) for a, b in blocks[-1]]
-    order = np.concatenate(order)
-    in_order = len(order) == len(rot_pos) and (order == np.arange(len(order))).all()
-    unpad = None if in_order else np.argsort(order, kind="stable").astype(np.int32)
-    return VisionPlan(rot_pos, groups, blocks, unpad)
+    frames = segment_layout(np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]), num_heads, impl)
+    if window is None:
+        return VisionPlan(rot_pos, frames)
+    unit = spatial_merge_size ** 2
+    tokens, lengths, offset = [], [], 0
+    for t, h, w in grid_thw:
+        order, sizes = _windows(t, h // spatial_merge_size, w // spatial_merge_size, window)
+        tokens.append(order + offset)
+        lengths.append(sizes * unit)
+        offset += t * h * w // unit
+    tokens = np.concatenate(tokens)
+    # A merged token is `unit` consecutive patch rows; the merger keeps them together in any token order.
+    order = (tokens[:, None] * unit + np.arange(unit)).reshape(-1).astype(np.int32)
+    windows = segment_layout(np.concatenate(lengths), num_heads, impl)
+    restore = np.argsort(tokens, kind="stable").astype(np.int32)
+    return VisionPlan(rot_pos[order], frames, windows, order, restore)
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -169,7 +230,14 @@ class VisionMlp(nn.Cell):
 
 class Qwen2VLVisionBlock(nn.Cell):
     """One block under HF's names. Its two halves, `project` and `attend`, take the weights as a bundle so that
-    one compiled step (VisionBlockStep) runs every block."""
+    one compiled step (VisionProjectStep, VisionAttendStep) runs every block.
+
+    The attention is the same in Qwen2.5-VL's blocks; their norms and MLP differ. A subclass gives its own
+    `norms_and_mlp`, `weights` and the two hooks that read them (`pre_attention_norm`, `feed_forward`), and
+    where the attention's weights sit in its bundle (QKV, PROJ)."""
+
+    QKV = 2  # index of qkv.weight in weights(), qkv.bias follows
+    PROJ = 4  # index of proj.weight, proj.bias follows
 
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
@@ -178,12 +246,20 @@ class Qwen2VLVisionBlock(nn.Cell):
         self.attn_implementation = policy.attn_implementation
         self.flash_dtype = policy.flash_dtype
         self.flash_kernel = flash_kernel(policy)
-        self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
-        self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm1, self.norm2, self.mlp = self.norms_and_mlp(config, policy)
         self.attn = VisionAttention(config, policy.compute_dtype)
-        self.mlp = VisionMlp(config, policy.compute_dtype, kernels_for(policy))
         self.rotate_half = Tensor(rotate_half_matrix(self.head_dim))
         self.matmul = ops.MatMul()
+
+    def norms_and_mlp(self, config, policy):
+        norms = LayerNorm(config.embed_dim, eps=1e-6), LayerNorm(config.embed_dim, eps=1e-6)
+        return norms + (VisionMlp(config, policy.compute_dtype, kernels_for(policy)),)
+
+    def pre_attention_norm(self, x, w):
+        return self.norm1(x, w[0], w[1])
+
+    def feed_forward(self, x, w):
+        return self.mlp(self.norm2(x, w[6], w[7]), w[8], w[9], w[10], w[11])
 
     def weights(self):
         """The block's Parameters in VisionBlockWeights' order, as a plain tuple (in a graph a NamedTuple is
@@ -195,9 +271,8 @@ class Qwen2VLVisionBlock(nn.Cell):
     def project(self, x, cos, sin, w):
         """x [N, E] -> q, k, v heads first [H, N, D], q and k rotated (in float32 whatever the compute dtype),
         q scaled. w: VisionBlockWeights (or the same tensors as a tuple)."""
-        norm1_weight, norm1_bias, qkv_weight, qkv_bias = w[:4]
         heads, d = self.num_heads, self.head_dim
-        qkv = self.attn.qkv(self.norm1(x, norm1_weight, norm1_bias), qkv_weight, qkv_bias)
+        qkv = self.attn.qkv(self.pre_attention_norm(x, w), w[self.QKV], w[self.QKV + 1])
         qkv = qkv.astype(ms.float32)
         rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, 3, heads, d)
         qkv = qkv.reshape(-1, 3, heads, d)
@@ -208,10 +283,9 @@ class Qwen2VLVisionBlock(nn.Cell):
     def attend(self, x, q, k, v, w):
         """The rest of the block for some rows: x [F * Lq, E] and their queries q [H, F, Lq, D] against their
         frames' keys and values k, v [H, F, L, D] -> [F * Lq, E]. w: VisionBlockWeights (or a tuple)."""
-        proj_weight, proj_bias, norm2_weight, norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = w[4:]
         out = frame_attention(q, k, v, self.attn_implementation, self.flash_dtype, self.flash_kernel)
-        x = x + self.attn.proj(out, proj_weight, proj_bias)
-        return x + self.mlp(self.norm2(x, norm2_weight, norm2_bias), fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        x = x + self.attn.proj(out, w[self.PROJ], w[self.PROJ + 1])
+        return x + self.feed_forward(x, w)
 
 
 class VisionProjectStep(Step):
@@ -306,14 +380,18 @@ class PatchMerger(nn.Cell):
     def __init__(self, config: Qwen2VLVisionConfig, dtype=ms.float32, kernels=PortableKernels):
         super().__init__()
         self.hidden = config.embed_dim * config.spatial_merge_size ** 2
-        self.ln_q = LayerNorm(config.embed_dim, eps=1e-6)
+        self.ln_q = self.norm(config.embed_dim, kernels)
         self.mlp = nn.SequentialCell(
             [
                 Linear(self.hidden, self.hidden, dtype=dtype),
                 GELU(kernels),
-                Linear(self.hidden, config.hidden_size, dtype=dtype),
+                Linear(self.hidden, config.out_features, dtype=dtype),
             ]
         )
+
+    @staticmethod
+    def norm(dim, kernels):
+        return LayerNorm(dim, eps=1e-6)
 
     def construct(self, x):
         # Consecutive rows are one 2x2 window (the processor's patch order), so a reshape merges them.
@@ -327,14 +405,18 @@ class Qwen2VisionTransformer(nn.Cell):
     graphs in GRAPH_MODE, each compiled once whatever the image sizes.
     """
 
+    block_class = Qwen2VLVisionBlock
+    merger_class = PatchMerger
+    window = None  # merged tokens per attention window side; None: every block attends per frame
+
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
         self.config = config
         self.policy = policy
         self.patch_embed = PatchEmbed(config, policy.conv_dtype, policy.compute_dtype)
         self.rotary_pos_emb = VisionRotaryEmbedding(config.head_dim)
-        self.blocks = nn.CellList([Qwen2VLVisionBlock(config, policy) for _ in range(config.depth)])
-        self.merger = PatchMerger(config, policy.compute_dtype, kernels_for(policy))
+        self.blocks = nn.CellList([self.block_class(config, policy) for _ in range(config.depth)])
+        self.merger = self.merger_class(config, policy.compute_dtype, kernels_for(policy))
         # Steps computing with the first block's cells (never its parameters), as plain attributes: registered
         # sub-cells would prefix their own parameter names.
         steps = dict(embed=VisionEmbed(self.patch_embed, self.rotary_pos_emb),
@@ -342,24 +424,44 @@ class Qwen2VisionTransformer(nn.Cell):
                      attend=VisionAttendStep(self.blocks[0]), merger=MergerStep(self.merger))
         object.__setattr__(self, "steps", steps)
 
+    def windowed(self, index):
+        """Whether block `index` attends within windows (else within frames)."""
+        return False
+
     def plan(self, grid_thw) -> VisionPlan:
         return vision_plan(grid_thw, self.config.spatial_merge_size, self.config.num_heads,
-                           self.policy.attn_implementation)
+                           self.policy.attn_implementation, window=self.window)
 
     def __call__(self, pixel_values, grid_thw):
-        """pixel_values [N, C * T * P * P] (numpy or Tensor), grid_thw [images, 3] -> merged features."""
+        """pixel_values [N, C * T * P * P] (numpy or Tensor), grid_thw [images, 3] -> merged features, in the
+        processor's order."""
         plan = self.plan(grid_thw)
-        pixels = pixel_values if isinstance(pixel_values, Tensor) else Tensor(np.asarray(pixel_values, np.float32))
+        if isinstance(pixel_values, Tensor):
+            pixels = pixel_values if plan.order is None else ops.gather(pixel_values, Tensor(plan.order), 0)
+        else:
+            pixels = np.asarray(pixel_values, np.float32)
+            # The patch embedding is row by row, so reordering its input reorders its output.
+            pixels = Tensor(pixels if plan.order is None else pixels[plan.order])
         x, cos, sin = self.steps["embed"](pixels, Tensor(plan.rot_pos))
-        calls = [(Tensor(np.ascontiguousarray(rows[:, a:b])), Tensor(rows))
-                 for rows, blocks in zip(plan.groups, plan.blocks) for a, b in blocks]
-        unpad = None if plan.unpad is None else Tensor(plan.unpad)
+        layouts = {"frames": _calls(plan.frames)}
+        if plan.windows is not None:
+            layouts["windows"] = _calls(plan.windows)
         project, attend = self.steps["project"], self.steps["attend"]
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
+            calls, unpad = layouts["windows" if self.windowed(i) else "frames"]
             w = as_arguments(blk.weights())
             q, k, v = project(x, cos, sin, *w)
-            outs = [attend(x, q, k, v, query_rows, frames, *w) for query_rows, frames in calls]
+            outs = [attend(x, q, k, v, query_rows, segments, *w) for query_rows, segments in calls]
             x = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
             if unpad is not None:
                 x = ops.gather(x, unpad, 0)
-        return self.steps["merger"](x)
+        x = self.steps["merger"](x)
+        return x if plan.restore is None else ops.gather(x, Tensor(plan.restore), 0)
+
+
+def _calls(layout: AttentionLayout):
+    """The attend step's index arguments for a layout, one (query rows, their segments) pair per call, and
+    its unpad table."""
+    calls = [(Tensor(np.ascontiguousarray(rows[:, a:b])), Tensor(rows))
+             for rows, blocks in zip(layout.groups, layout.blocks) for a, b in blocks]
+    return calls, None if layout.unpad is None else Tensor(layout.unpad)

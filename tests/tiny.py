@@ -28,13 +28,33 @@ def hf_config(tied=True, layers=2, hidden=64, heads=4, kv_heads=2, vision_depth=
                          eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
 
 
+def hf_config_2_5(tied=True, layers=2, hidden=64, heads=4, kv_heads=2, vision_depth=3, vision_dim=32,
+                  vision_heads=4, vision_intermediate=48, fullatt=(1,), tokens_per_second=2, mrope_section=(2, 3, 3),
+                  intermediate=128, vocab=VOCAB):
+    """A tiny Qwen2.5-VL config in the nested layout transformers 4.57 writes. Windows stay 112 px (4x4
+    merged tokens): the tests' grids are chosen not to be multiples of them."""
+    from transformers import Qwen2_5_VLConfig
+
+    text_config = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+                       tie_word_embeddings=tied)
+    vision_config = dict(depth=vision_depth, hidden_size=vision_dim, num_heads=vision_heads,
+                         intermediate_size=vision_intermediate, out_hidden_size=hidden,
+                         fullatt_block_indexes=list(fullatt), tokens_per_second=tokens_per_second)
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=tied,
+                            eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
+
+
 def hf_model(config, seed=0):
-    """A random HF model. Weights are scaled up from HF's 0.02 init so logits differ visibly between tokens."""
+    """A random HF model (Qwen2-VL or Qwen2.5-VL, after the config). Weights are scaled up from HF's 0.02 init
+    so logits differ visibly between tokens."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    qwen2_5 = isinstance(config, Qwen2_5_VLConfig)
+    model = (Qwen2_5_VLForConditionalGeneration if qwen2_5 else Qwen2VLForConditionalGeneration)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
