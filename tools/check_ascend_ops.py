@@ -174,9 +174,18 @@ def tiny_model(model_type, policy):
     from mindone_qwen2vl.default_model import tiny_config
     from mindone_qwen2vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
+    # Head sizes of 16: multiples of 16, as the flash kernel requires and the real models' are.
     if model_type == "qwen2_vl":
-        # Its head sizes (16) are multiples of 16, as the flash kernel requires and the real models' are.
         return Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(tiny_config()), policy)
+    if model_type == "qwen2_5_vl":
+        from mindone_qwen2vl.config import Qwen2_5_VLConfig
+        from mindone_qwen2vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+        config = tiny_config()
+        config["model_type"] = "qwen2_5_vl"
+        config["vision_config"] = dict(depth=2, hidden_size=32, out_hidden_size=config["hidden_size"],
+                                       intermediate_size=64, num_heads=2, fullatt_block_indexes=[1])
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config), policy)
     raise ValueError(f"unknown model type {model_type!r}")
 
 
@@ -291,7 +300,7 @@ def check(model_types, verbose=False, out=None, collected=None):
 
 
 def available_models():
-    return ["qwen2_vl"]
+    return ["qwen2_vl", "qwen2_5_vl"]
 
 
 def main(argv=None):
