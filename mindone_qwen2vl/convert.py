@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import Qwen2_5_VLConfig, load_config
+from .config import load_config
 from .loading import collect_sources, expected_tensors, parameter_pieces, plan_load
 from .weight_files import (DTYPES, FLOATS, LAYOUTS, nbytes, open_checkpoint, open_writer, shard_names, widen_bf16,
                            write_index)
@@ -91,14 +91,11 @@ def _plan(src) -> Tuple[List[Tuple[object, List[Tuple[str, str]]]], bool]:
     """([(reader, [(parameter name, checkpoint key), ...]), ...] in file and data order, sharded) of the HF
     checkpoint folder `src`, checked against the parameters a model of its config.json has (built lazily: no
     parameter memory is allocated)."""
-    from .modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-    from .modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+    from .models import model_class
 
     config = load_config(src)  # Qwen2-VL or Qwen2.5-VL, after config.json's model_type
-    model_class = Qwen2_5_VLForConditionalGeneration if isinstance(config, Qwen2_5_VLConfig) else \
-        Qwen2VLForConditionalGeneration
     readers, sharded = open_checkpoint(src, SOURCE_FORMATS)
-    expected = expected_tensors(parameter_pieces(model_class(config)))
+    expected = expected_tensors(parameter_pieces(model_class(config.model_type)(config)))
     try:
         plan = plan_load(expected, collect_sources(readers), config.tie_word_embeddings)
     except ValueError as e:

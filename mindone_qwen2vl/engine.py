@@ -21,7 +21,7 @@ import numpy as np
 from mindspore import Tensor
 
 from .generation import Runner, TokenChooser, batch_rows, resolve_options
-from .inputs import check_inputs
+from .inputs import check_inputs, check_second_per_grid_ts
 
 DEFAULT_MAX_LEN = 4096
 
@@ -156,10 +156,7 @@ class Engine:
             raise ValueError("stop strings need the engine's tokenizer")
         if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
-        if second_per_grid_ts is not None:
-            # Checked now (the positions it gives are computed at prefill, on the engine's thread).
-            grids = [None if media is None else media[1] for media in (images, videos)]
-            self.model.get_rope_index(ids, *grids, None, second_per_grid_ts)
+        check_second_per_grid_ts(second_per_grid_ts, None if videos is None else videos[1])
         request = Request(ids, images, videos, resolved, stop, seed)
         request.second_per_grid_ts = second_per_grid_ts
         with self.cond:

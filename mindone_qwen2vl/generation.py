@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .cache import StaticCache
 from .graphs import Step
-from .inputs import check_inputs
+from .inputs import check_inputs, check_second_per_grid_ts
 
 # HF GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise.
 HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_length=20,
@@ -436,6 +436,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
     batch = prompts * copies  # HF's order: the copies of a prompt side by side
 
+    check_second_per_grid_ts(second_per_grid_ts, video_grid_thw)  # before the vision tower's work
     embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     position_ids, rope_deltas = model.get_rope_index(ids, image_grid_thw, video_grid_thw, mask, second_per_grid_ts)
     lengths = np.repeat(mask.sum(-1), copies)

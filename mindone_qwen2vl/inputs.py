@@ -27,6 +27,23 @@ def temporal_positions(frames, second_per_grid_t, tokens_per_second):
     return t.astype(np.int64)
 
 
+def check_second_per_grid_ts(second_per_grid_ts, video_grid_thw):
+    """second_per_grid_ts as float64 [videos] (1.0 each when None, as HF), or a ValueError naming it; None
+    without videos (HF ignores it then)."""
+    if video_grid_thw is None:
+        return None
+    videos = np.asarray(to_numpy(video_grid_thw)).reshape(-1, 3).shape[0]
+    if second_per_grid_ts is None:
+        return np.ones(videos)
+    given = np.asarray(to_numpy(second_per_grid_ts))
+    ok = np.issubdtype(given.dtype, np.number) and given.size == videos
+    seconds = given.astype(np.float64).reshape(-1) if ok else None
+    if not ok or not np.isfinite(seconds).all() or (seconds < 0).any():
+        raise ValueError(f"second_per_grid_ts must hold one finite number >= 0 per video ({videos}), got "
+                         f"{given.tolist()}")
+    return seconds
+
+
 def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
                    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    spatial_merge_size=2, second_per_grid_ts=None, tokens_per_second=None):
@@ -53,13 +70,8 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
         ids = ids[None]
     batch, seq = ids.shape
     seconds = None
-    if tokens_per_second is not None and video_grid_thw is not None:
-        videos = np.asarray(to_numpy(video_grid_thw)).reshape(-1, 3).shape[0]
-        seconds = np.ones(videos) if second_per_grid_ts is None else np.asarray(to_numpy(second_per_grid_ts),
-                                                                                 np.float64).reshape(-1)
-        if seconds.shape != (videos,) or not np.isfinite(seconds).all() or (seconds < 0).any():
-            raise ValueError(f"second_per_grid_ts must hold one finite number >= 0 per video ({videos}), got "
-                             f"{np.asarray(to_numpy(second_per_grid_ts)).tolist()}")
+    if tokens_per_second is not None:
+        seconds = check_second_per_grid_ts(second_per_grid_ts, video_grid_thw)
     mask = np.ones_like(ids) if attention_mask is None else to_numpy(attention_mask, np.int64).reshape(batch, seq)
     if image_grid_thw is None and video_grid_thw is None:
         if attention_mask is None:

@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
 from .graphs import Step, dynamic
-from .inputs import check_inputs, get_rope_index, to_numpy
+from .inputs import check_inputs, check_second_per_grid_ts, get_rope_index, to_numpy
 from .layers import Linear
 from .modeling_text import Qwen2VLTextModel
 from .modeling_vision import Qwen2VisionTransformer
@@ -200,6 +200,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         pixel_values, image_grid_thw = images or (None, None)
         pixel_values_videos, video_grid_thw = videos or (None, None)
         batch, seq = ids.shape
+        check_second_per_grid_ts(second_per_grid_ts, video_grid_thw)  # before the vision tower's work
         embeds = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         rope_deltas = None
         if position_ids is None:

@@ -1,8 +1,9 @@
 """Tensor parallelism (parallel.py): one msrun job of 2 CPU workers (tests/tp_worker.py) against the
 single-process model and HF; sliced checkpoint reads; the errors for a bad tensor_parallel_size.
 
-The msrun job covers two checkpoints: tied embeddings with 4 heads / 2 KV heads (one KV head per rank), and
-an untied, sharded bf16 checkpoint with 1 KV head (replicated on both ranks).
+The msrun job covers three checkpoints: tied embeddings with 4 heads / 2 KV heads (one KV head per rank), an
+untied, sharded bf16 checkpoint with 1 KV head (replicated on both ranks), and a tied Qwen2.5-VL one (logits
+only: its decoder is Qwen2-VL's, sharded alike; generation is covered by the other two).
 """
 import glob
 import os
@@ -21,8 +22,8 @@ from mindone_qwen2vl import Qwen2VLForConditionalGeneration
 from mindone_qwen2vl.config import Qwen2VLTextConfig
 from mindone_qwen2vl.weight_files import MindSporeCkptFile, SafetensorsFile
 from mindone_qwen2vl.parallel import check_tensor_parallel, head_layout, init_tensor_parallel, is_main_rank
-from tiny import IMAGE, VIDEO, hf_config, hf_logits, hf_model, left_pad, random_pixels, rel_err, save_checkpoint, \
-    vision_block
+from tiny import IMAGE, VIDEO, hf_config, hf_config_2_5, hf_logits, hf_model, left_pad, random_pixels, rel_err, \
+    save_checkpoint, vision_block
 
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 TOL = 1e-4
@@ -94,7 +95,10 @@ def job(tmp_path_factory):
     rep = hf_model(hf_config(tied=False, heads=4, kv_heads=1), seed=12).to(torch.bfloat16)
     save_checkpoint(rep, str(root / "kv_replicated"), max_shard_size="10MB")
     rep = rep.float()
-    refs = {"tied": hf_logits(tied, **inputs), "kv_replicated": hf_logits(rep, **inputs)}
+    qwen2_5 = hf_model(hf_config_2_5(tied=True, heads=4, kv_heads=2), seed=13)
+    save_checkpoint(qwen2_5, str(root / "qwen2_5_vl"))
+    refs = {"tied": hf_logits(tied, **inputs), "kv_replicated": hf_logits(rep, **inputs),
+            "qwen2_5_vl": hf_logits(qwen2_5, **inputs)}
 
     out = root / "out"
     out.mkdir()
@@ -109,7 +113,7 @@ def job(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- the msrun job
-@pytest.mark.parametrize("tag", ["tied", "kv_replicated"])
+@pytest.mark.parametrize("tag", ["tied", "kv_replicated", "qwen2_5_vl"])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_logits_equal_single_process_and_hf(job, tag, mode):
     refs, ranks, mask = job
@@ -128,7 +132,7 @@ def test_logits_equal_single_process_and_hf(job, tag, mode):
 def test_each_rank_holds_half_of_the_decoder(job):
     _, ranks, _ = job
     for res in ranks:
-        for tag in ("tied", "kv_replicated"):
+        for tag in ("tied", "kv_replicated", "qwen2_5_vl"):
             local, whole = res[f"{tag}/decoder_bytes"]
             # Only the norms (a few KB) are whole on every rank.
             assert 0.5 <= local / whole < 0.501, (tag, local, whole)

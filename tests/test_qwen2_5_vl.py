@@ -186,8 +186,19 @@ def test_rope_index_keeps_fractional_seconds():
     # Qwen2-VL (no tokens_per_second): frames count 0, 1, 2 whatever second_per_grid_ts says.
     pos, _ = get_rope_index(ids, video_grid_thw=np.array([(3, 2, 2)]), second_per_grid_ts=[3.0])
     assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]
-    with pytest.raises(ValueError, match=r"second_per_grid_ts must hold one finite number >= 0 per video \(1\)"):
-        get_rope_index(ids, video_grid_thw=np.array([(3, 2, 2)]), second_per_grid_ts=[1.0, 2.0], tokens_per_second=2)
+    for bad in ([1.0, 2.0], [float("nan")], [-1.0], ["1"]):
+        with pytest.raises(ValueError, match=r"second_per_grid_ts must hold one finite number >= 0 per video \(1\)"):
+            get_rope_index(ids, video_grid_thw=np.array([(3, 2, 2)]), second_per_grid_ts=bad, tokens_per_second=2)
+
+
+def test_bad_second_per_grid_ts_fails_before_the_vision_tower(ours25, monkeypatch):
+    inputs = case_inputs("video")
+    inputs["second_per_grid_ts"] = np.array([1.0, 2.0])
+    monkeypatch.setattr(ours25, "get_vision_features", lambda *a: pytest.fail("the tower ran"), raising=False)
+    for call in (ours25, lambda **kw: ours25.generate(**kw, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"second_per_grid_ts must hold one finite number >= 0 per video \(1\), "
+                                             r"got \[1.0, 2.0\]"):
+            call(**inputs)
 
 
 def test_fractional_seconds_differ_from_hf_only_in_positions(hf25, ours25):
@@ -253,7 +264,7 @@ def test_engine_takes_second_per_grid_ts(ours25, monkeypatch):
             engine.submit(**{**inputs, "second_per_grid_ts": [1.0, 1.0]}, max_new_tokens=4)
     finally:
         engine.stop()
-    assert [np.asarray(s).tolist() for s in seen[:2]] == [[3.0], [3.0]]  # checked at submit, used at prefill
+    assert [np.asarray(s).tolist() for s in seen] == [[3.0]]  # the prefill's positions
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -16,7 +16,7 @@ import traceback
 
 import numpy as np
 
-from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+from mindone_qwen2vl.models import model_class, model_type_of
 from mindone_qwen2vl.parallel import init_tensor_parallel, is_main_rank
 
 NEW_TOKENS = 5
@@ -43,8 +43,9 @@ def main(out_dir, inputs_path, *checkpoints):
         name, folder = spec.split("=", 1)
         tag, _, modes = name.partition(":")
         ms.set_context(mode=ms.PYNATIVE_MODE)
-        single = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False)
-        tp = Qwen2VLForConditionalGeneration.from_pretrained(folder, progress=False, tensor_parallel_size=2)
+        cls = model_class(model_type_of(folder))  # Qwen2-VL or Qwen2.5-VL
+        single = cls.from_pretrained(folder, progress=False)
+        tp = cls.from_pretrained(folder, progress=False, tensor_parallel_size=2)
         attn = tp.model.layers[0].self_attn
         out[f"{tag}/heads"] = np.array([attn.num_heads, attn.num_kv_heads])
         out[f"{tag}/tensor_parallel"] = np.array(tp.tensor_parallel)
