@@ -322,3 +322,42 @@ def test_conversion_round_trip(hf25, tmp_path):
     assert isinstance(converted.config, Qwen2_5_VLConfig) and converted.config.tie_word_embeddings
     inputs = case_inputs("video")
     assert rel_err(converted(**inputs).logits.asnumpy(), hf_logits(hf25[0], **inputs)) < TOL
+
+
+# ------------------------------------------------------------------------------------------------ real shapes
+def test_3b_parameters_are_hf_tensors_by_name_and_shape():
+    """Built from the real 3B config (placeholders: no weight memory), the model reads exactly the tensors of
+    HF's model of that config, under their names and shapes (HF's built on the meta device)."""
+    from transformers import Qwen2_5_VLConfig as HFConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
+
+    from mindone_qwen2vl import Qwen2_5_VLForConditionalGeneration
+    from mindone_qwen2vl.config import load_config
+    from mindone_qwen2vl.loading import canonical_name, expected_tensors, parameter_pieces
+
+    path = os.path.join(ASSETS, "qwen2.5-vl-3b-instruct", "config.json")
+    ours = expected_tensors(parameter_pieces(Qwen2_5_VLForConditionalGeneration(load_config(path))))
+    with torch.device("meta"):
+        hf = HFModel(HFConfig.from_pretrained(path))
+    # HF's names as its checkpoints store them (4.57 maps model.language_model/model.visual back on save).
+    theirs = {canonical_name(k): tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    assert ours == theirs
+    assert ours["visual.blocks.0.mlp.gate_proj.weight"] == (3420, 1280)
+    assert ours["visual.merger.mlp.2.weight"] == (2048, 5120)
+
+
+def test_fp16_close_to_hf_fp64(hf25):
+    hf, folder = hf25
+    ours = load(folder, mindspore_dtype=ms.float16)
+    block = ours.visual.blocks[0]
+    assert block.mlp.gate_up_proj.weight.dtype == ms.float16 and block.norm1.weight.dtype == ms.float32
+    assert ours.visual.merger.ln_q.weight.dtype == ms.float32
+    inputs = case_inputs("mixed_left_padded_batch")
+    logits = ours(**inputs).logits.asnumpy()
+    with torch.no_grad():
+        ref = hf.double()(**{k: torch.from_numpy(np.asarray(v)).double() if np.asarray(v).dtype.kind == "f"
+                             else torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}).logits.numpy()
+    hf.float()
+    err = rel_err(logits, ref, inputs["attention_mask"])
+    print(f"fp16: relative error vs HF fp64 {err:.2e}")
+    assert np.isfinite(logits).all() and err < 3e-2
