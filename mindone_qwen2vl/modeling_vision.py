@@ -4,6 +4,10 @@ Everything that depends on the image sizes (rotary positions, which patches atte
 split into blocks) is computed on the host in numpy by `vision_plan` and enters the graphs as index tensors.
 The steps are declared with dynamic shapes (graphs.Step): one compilation serves every image size, frame
 layout and number of images.
+
+Qwen2.5-VL's tower (modeling_vision_qwen2_5_vl) is this one with other norms and MLP in its blocks and
+attention within windows in most of them: windows are segments like frames (AttentionLayout), in a patch order
+the plan gives, so the same steps run both.
 """
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
