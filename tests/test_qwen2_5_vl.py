@@ -141,6 +141,29 @@ def test_vision_tower_matches_hf(hf25, ours25, ms_mode, grid):
     assert err < 1e-5
 
 
+def test_query_blocks_within_windows_and_frames_are_exact(hf25, ours25, monkeypatch):
+    """Eager attention split into query blocks (big images) in both layouts, windows and frames, each with its
+    own order back: the unblocked result and HF's."""
+    from mindone_qwen2vl import attention
+
+    grid = np.array([IMG_A, IMG_C])
+    pixels = random_pixels(grid, seed=9)
+    whole = ours25.get_vision_features(pixels, grid).asnumpy()
+    # A budget of 10 query rows of the 140-patch frame (4 heads x 140 keys x 4 bytes each). Windows: the two of
+    # 64 patches (one per image, batched) get 22400 / (2 x 4 x 64 x 4) = 10 rows a block, the one of 48
+    # patches 29, those of 16 and 12 fit whole.
+    monkeypatch.setattr(attention, "SCORES_BUDGET", 4 * 140 * 4 * 10)
+    plan = ours25.visual.plan(grid)
+    assert plan.frames.blocks[-1] == [(a, min(a + 10, 140)) for a in range(0, 140, 10)]
+    assert [len(b) for b in plan.windows.blocks] == [1, 1, 2, 7]  # windows of 12, 16, 48 and 64 patches
+    assert plan.windows.unpad is not None and plan.frames.unpad is not None
+    blocked = ours25.get_vision_features(pixels, grid).asnumpy()
+    assert rel_err(blocked, whole) < 1e-6
+    with torch.no_grad():
+        ref = hf25[0].model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grid)).numpy()
+    assert rel_err(blocked, ref) < 1e-5
+
+
 def test_vision_steps_compile_once_for_every_size(ours25):
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
