@@ -12,9 +12,15 @@ depend on what else runs: every row of a step is computed alone.
 
 Requests yield events (`Request.events()`): ("token", id, text added) as tokens come, then ("done", finish
 reason, usage) or ("error", exception). Nothing here knows HTTP; serving.py is a thin layer over it.
+
+The device work (a prefill into a slot, a decode step) goes through a `Worker`. Under tensor parallelism every
+rank of the msrun job must run the same graphs in the same order (their collectives wait for each other): rank 0
+runs the engine with a `LockstepWorker`, which broadcasts each call and its inputs before running it, and the
+other ranks run `follow()`, which receives the calls and runs them, until the engine stops.
 """
 import collections
 import itertools
+import sys
 import threading
 
 import numpy as np
@@ -94,6 +100,91 @@ class _Slot:
         self.emitted = 0  # characters of the decoded text already sent
 
 
+PREFILL, DECODE, STOP = 1, 2, 3
+
+
+class Worker:
+    """The device side of the engine: the model, the cache of `rows` x `max_len`, the prefill and decode calls."""
+
+    def __init__(self, model, rows, max_len):
+        self.model = model
+        self.runner = Runner(model, rows, max_len)
+
+    def prefill(self, slot, ids, images, videos, second_per_grid_ts):
+        """A prompt (ids [1, S], no padding) into cache row `slot` -> (logits of its last position [V], its rope
+        delta)."""
+        model = self.model
+        (pixels, grid), (vpixels, vgrid) = images or (None, None), videos or (None, None)
+        mask = np.ones_like(ids)
+        with model.lock:
+            embeds = model.embed(ids, pixels, grid, vpixels, vgrid)
+            positions, deltas = model.get_rope_index(ids, grid, vgrid, mask, second_per_grid_ts)
+            (_, hidden, kv), = model.prompt_rows(embeds, positions, mask, keep_last=1, keep_kv=True)
+            cache = self.runner.cache
+            cache.write_prompt(Tensor(cache.prompt_rows(slot, ids.shape[1])), *kv)
+            logits = model.head(hidden).asnumpy()
+        return logits[0], int(deltas[0, 0])
+
+    def decode(self, tokens, position, delta):
+        """One decode step for every row -> logits [rows, V]."""
+        with self.model.lock:
+            return self.runner.step(Tensor(tokens.astype(np.int32)), Tensor(position.astype(np.int32)),
+                                    Tensor((position + delta).astype(np.int32)))
+
+    def close(self):
+        pass
+
+
+def _media(pair):
+    return (None, None) if pair is None else (np.asarray(pair[0], np.float32), np.asarray(pair[1], np.int64))
+
+
+class LockstepWorker(Worker):
+    """Rank 0's worker under tensor parallelism: every call is broadcast (parallel.broadcast_arrays) before it
+    runs, so the other ranks (`follow`) run it too."""
+
+    def prefill(self, slot, ids, images, videos, second_per_grid_ts):
+        from .parallel import broadcast_arrays
+
+        seconds = None if second_per_grid_ts is None else np.asarray(second_per_grid_ts, np.float64)
+        broadcast_arrays([np.array([PREFILL, slot], np.int64), np.asarray(ids, np.int64), *_media(images),
+                          *_media(videos), seconds])
+        return super().prefill(slot, ids, images, videos, second_per_grid_ts)
+
+    def decode(self, tokens, position, delta):
+        from .parallel import broadcast_arrays
+
+        broadcast_arrays([np.array([DECODE, 0], np.int64), tokens.astype(np.int64), position, delta])
+        return super().decode(tokens, position, delta)
+
+    def close(self):
+        from .parallel import broadcast_arrays
+
+        broadcast_arrays([np.array([STOP, 0], np.int64)])
+
+
+def follow(model, max_batch=8, max_len=DEFAULT_MAX_LEN):
+    """The loop of the ranks other than 0 in a tensor-parallel server: run the prefills and decode steps rank 0's
+    engine broadcasts (with the same max_batch and max_len as its engine), until it stops."""
+    from .parallel import broadcast_arrays
+
+    worker = Worker(model, batch_rows(max_batch), max_len)
+    while True:
+        (kind, slot), *arrays = broadcast_arrays()
+        if kind == STOP:
+            return
+        try:
+            if kind == PREFILL:
+                ids, pixels, grid, vpixels, vgrid, seconds = arrays
+                worker.prefill(int(slot), ids, None if pixels is None else (pixels, grid),
+                               None if vpixels is None else (vpixels, vgrid), seconds)
+            else:
+                worker.decode(*arrays)
+        except Exception as error:  # rank 0 runs the same call on the same inputs and reports it to the client
+            print(f"rank follower: {'prefill' if kind == PREFILL else 'decode'} failed: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr, flush=True)
+
+
 class Engine:
     """Continuous batching over `max_batch` slots of `max_len` positions on one model thread.
 
@@ -107,7 +198,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.rows = batch_rows(max_batch)
-        self.runner = Runner(model, self.rows, max_len)
+        parallel = model.tensor_parallel is not None and model.tensor_parallel[1] > 1
+        self.worker = (LockstepWorker if parallel else Worker)(model, self.rows, max_len)
+        self.runner = self.worker.runner
         self.slots = [None] * self.max_batch
         self.waiting = collections.deque()
         self.cond = threading.Condition()
@@ -195,6 +288,7 @@ class Engine:
                 if any(isinstance(s, _Slot) for s in self.slots):
                     self._decode()
         finally:
+            self.worker.close()
             with self.cond:
                 pending = list(self.waiting) + [s.request if isinstance(s, _Slot) else s for s in self.slots if s]
                 self.waiting.clear()
@@ -211,21 +305,14 @@ class Engine:
 
     def _prefill(self, slot, request):
         model, options = self.model, request.options
-        (pixels, grid), (vpixels, vgrid) = request.images or (None, None), request.videos or (None, None)
-        mask = np.ones_like(request.ids)
-        with model.lock:
-            embeds = model.embed(request.ids, pixels, grid, vpixels, vgrid)
-            positions, deltas = model.get_rope_index(request.ids, grid, vgrid, mask, request.second_per_grid_ts)
-            (_, hidden, kv), = model.prompt_rows(embeds, positions, mask, keep_last=1, keep_kv=True)
-            cache = self.runner.cache
-            cache.write_prompt(Tensor(cache.prompt_rows(slot, request.prompt_tokens)), *kv)
-            logits = model.head(hidden).asnumpy()
+        logits, delta = self.worker.prefill(slot, request.ids, request.images, request.videos,
+                                            request.second_per_grid_ts)
         rng = np.random.default_rng(request.seed) if options.do_sample else None
         chooser = TokenChooser(options, request.ids, model.config.text_config.vocab_size, rng)
-        state = _Slot(request, chooser, request.prompt_tokens, int(deltas[0, 0]), set(options.eos_token_id))
+        state = _Slot(request, chooser, request.prompt_tokens, delta, set(options.eos_token_id))
         self.slots[slot] = state
         self.counters["prompt_tokens"] += request.prompt_tokens
-        self._take(slot, state, logits[0])
+        self._take(slot, state, logits)
 
     def _decode(self):
         tokens = np.zeros(self.rows, np.int32)
@@ -234,9 +321,7 @@ class Engine:
         for i, state in enumerate(self.slots):
             if isinstance(state, _Slot):
                 tokens[i], position[i], delta[i] = state.last, state.position, state.delta
-        with self.model.lock:
-            logits = self.runner.step(Tensor(tokens), Tensor(position.astype(np.int32)),
-                                      Tensor((position + delta).astype(np.int32)))
+        logits = self.worker.decode(tokens, position, delta)
         for i, state in enumerate(self.slots):
             if isinstance(state, _Slot):
                 state.position += 1

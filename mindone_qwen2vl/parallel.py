@@ -98,6 +98,52 @@ def same_on_all_ranks(value: int) -> int:
     return int(ops.Broadcast(0, group=_world_group())((x,))[0].asnumpy()[0])
 
 
+_WIRE_DTYPES = (np.int32, np.int64, np.float32, np.float64, np.bool_, np.uint8)
+_HEADER_WORDS = 256
+
+
+def broadcast_arrays(arrays=None):
+    """Rank 0's list of numpy arrays (any of _WIRE_DTYPES, or None) on every rank; the other ranks pass
+    nothing. The bytes travel as int32 words, so every value arrives bit for bit (a float64 rounded to
+    float32 on the way would give the ranks different rotary positions). Two broadcasts: a header of dtypes
+    and shapes, then one payload."""
+    bcast = ops.Broadcast(0, group=_world_group())
+    header = np.zeros(_HEADER_WORDS, np.int32)
+    payload = b""
+    if get_rank() == 0:
+        fields = [len(arrays)]
+        for a in arrays:
+            if a is None:
+                fields += [-1, 0]
+                continue
+            a = np.ascontiguousarray(a)
+            fields += [[np.dtype(t) for t in _WIRE_DTYPES].index(a.dtype), a.ndim, *a.shape]
+            payload += a.tobytes()
+        if len(fields) + 1 > _HEADER_WORDS:
+            raise ValueError(f"{len(arrays)} arrays do not fit the broadcast header")
+        header[0] = len(payload)
+        header[1:len(fields) + 1] = fields
+    header = bcast((Tensor(header),))[0].asnumpy()
+    size = int(header[0])
+    words = np.zeros(max(1, -(-size // 4)), np.int32)
+    if get_rank() == 0:
+        words.view(np.uint8)[:size] = np.frombuffer(payload, np.uint8)
+    data = bcast((Tensor(words),))[0].asnumpy().view(np.uint8)[:size]
+    out, at, offset = [], 2, 0
+    for _ in range(int(header[1])):
+        code, ndim = int(header[at]), int(header[at + 1])
+        shape = tuple(int(d) for d in header[at + 2:at + 2 + ndim])
+        at += 2 + ndim
+        if code < 0:
+            out.append(None)
+            continue
+        dtype = np.dtype(_WIRE_DTYPES[code])
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        out.append(data[offset:offset + n].view(dtype).reshape(shape).copy())  # writable, its own memory
+        offset += n
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the split
 def check_tensor_parallel(text_config, size):
     """Raise a ValueError naming the numbers when the decoder cannot be split over `size` ranks."""

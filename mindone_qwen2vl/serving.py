@@ -182,6 +182,7 @@ class Server:
         self.engine = self.processor = None
         self.name = args.served_model_name
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {})
+        self.main = True  # False on the msrun workers other than rank 0 (tensor parallelism): no HTTP, no engine
 
     def load(self):
         import mindspore as ms
@@ -194,7 +195,10 @@ class Server:
         model_cls, processor_cls = classes_of(args.folder)  # by config.json's model_type
         ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
         policy = resolve_policy(args.dtype, args.attn_implementation, args.conv_dtype)
-        model = model_cls.from_pretrained(args.folder, policy=policy, progress=False)
+        model = model_cls.from_pretrained(args.folder, policy=policy, progress=False,
+                                          tensor_parallel_size=args.tensor_parallel if args.tensor_parallel > 1 else None)
+        if not self.main:
+            return model
         self.processor = processor_cls.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len).start()
@@ -412,7 +416,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["graph", "pynative"], default=None, help="default: the preset's, else graph")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: the preset's, else fp32")
     p.add_argument("--attn_implementation", default=None, choices=["eager", "flash_attention_2"])
-    p.add_argument("--tensor_parallel", type=int, default=None, help="only 1: the server runs on one card")
+    p.add_argument("--tensor_parallel", type=int, default=None,
+                   help="cards the decoder is split over, one msrun worker each (rank 0 serves HTTP)")
     args = p.parse_args(argv)
     preset = {}
     if args.config:
@@ -436,12 +441,31 @@ def parse_args(argv=None):
     for name in ("port", "max_batch", "max_queue", "max_len", "default_max_tokens"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             p.error(f"--{name} {getattr(args, name)}: out of range")
-    if args.tensor_parallel != 1:
-        p.error(f"--tensor_parallel {args.tensor_parallel}: the server runs on one card (tensor parallelism is for "
-                "the scripts under msrun)")
+    if args.tensor_parallel < 1:
+        p.error(f"--tensor_parallel {args.tensor_parallel}: out of range")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         p.error(f"--allowed_local_media_path {args.allowed_local_media_path!r}: not a folder")
     return args
+
+
+def follow_rank(server):
+    """A tensor-parallel rank other than 0: load this rank's shard, then run the device calls of rank 0's engine
+    (engine.follow) until it stops."""
+    from .engine import follow
+
+    args = server.args
+    server.main = False
+    # This rank stops when rank 0's engine stops (SIGTERM to rank 0 drains it, then STOP reaches here). A SIGINT
+    # to this rank alone would leave rank 0 waiting in a collective. (msrun itself answers Ctrl-C by killing
+    # every worker at once.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        model = server.load()
+    except Exception as e:
+        print(f"serve.py: error: the model did not load: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    follow(model, max_batch=args.max_batch, max_len=args.max_len)
+    return 0
 
 
 def main(argv=None):
@@ -460,6 +484,16 @@ def main(argv=None):
         args.folder = default_checkpoint()
     args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.folder))
     server = Server(args)
+    if args.tensor_parallel > 1:
+        from .parallel import init_tensor_parallel
+
+        try:
+            rank, _ = init_tensor_parallel(args.tensor_parallel)
+        except (RuntimeError, ValueError) as e:
+            print(f"serve.py: error: --tensor_parallel {args.tensor_parallel}: {e}", file=sys.stderr)
+            return 2
+        if rank != 0:
+            return follow_rank(server)
 
     import uvicorn
 

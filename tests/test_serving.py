@@ -46,7 +46,8 @@ def server(tmp_path_factory):
             pass
         assert time.time() < deadline, "the server did not get ready"
         time.sleep(0.5)
-    yield dict(proc=proc, base=base, log=log.name, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+    yield dict(proc=proc, base=base, log=log.name, env=env,
+               client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -226,9 +227,86 @@ def test_presets_and_flags():
     assert args.mode == "pynative" and args.default_max_tokens == 128  # the flag over the preset
     assert args.image_defaults == {"min_pixels": 200704, "max_pixels": 1003520}
     assert args.video_defaults == {"max_pixels": 602112, "total_pixels": 19267584, "fps": 2.0}
-    for argv, message in ((["--config", "qwen2-vl-72b-instruct"], "--tensor_parallel 8: the server runs on one card"),
+    for argv, message in ((["--tensor_parallel", "2"], "--tensor_parallel 2: tensor_parallel_size=2 needs 2 processes"),
                           (["--config", "no-such-preset"], "--config: no preset 'no-such-preset'"),
                           (["--max_batch", "0"], "--max_batch 0: out of range")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *argv], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr[-500:])
+
+
+def worker_pid(port, rank):
+    """The pid of the msrun worker of `rank` serving on `port` (msrun starts each worker in a session of its own)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in cmd and cmd[cmd.index(b"--port") + 1] == str(port).encode() and \
+                b"MS_ROLE=MS_WORKER" in env and f"RANK_ID={rank}".encode() in env and cmd[0] != b"/usr/bin/tail":
+            return int(pid)
+    raise AssertionError(f"no rank {rank} worker serving port {port}")
+
+
+def test_tensor_parallel_server_answers_as_one_card(server, tmp_path):
+    """serve.py under msrun with 2 CPU workers: rank 0 serves HTTP and broadcasts each prefill and decode step,
+    rank 1 follows; concurrent requests (an image, text) get the one-card server's greedy answers, and SIGTERM
+    to the job stops both ranks."""
+    from test_parallel import msrun_executable
+
+    client = server["client"]
+    prompts = [[image_part("1.jpg"), {"type": "text", "text": "One?"}], "Two words.",
+               [image_part("2.jpg"), {"type": "text", "text": "Three?"}]]
+    expected = [ask(client, p).choices[0].message.content for p in prompts]
+    port = free_port()
+    # The one-card server's tiny checkpoint (its cache folder); msrun starts `python` from PATH: this one.
+    env = dict(server["env"], PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    job = subprocess.Popen(
+        [msrun_executable(), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
+         f"--log_dir={tmp_path}", "--cluster_time_out=120", os.path.join(ROOT, "scripts", "serve.py"),
+         "--port", str(port), "--tensor_parallel", "2", "--max_batch", "2", "--max_len", "1024",
+         "--allowed_local_media_path", ASSETS],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def logs():
+        return "".join(f"--- {name}\n" + "".join(l for l in open(tmp_path / name, errors="replace")
+                                                 if "[WARNING]" not in l and "[INFO]" not in l)[-2000:]
+                       for name in sorted(os.listdir(tmp_path)) if name.startswith("worker_"))
+
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 400
+        while True:
+            assert job.poll() is None, logs()
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the tensor-parallel server did not get ready\n" + logs()
+            time.sleep(1)
+        tp_client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+        results = {}
+
+        def call(i):
+            results[i] = ask(tp_client, prompts[i]).choices[0].message.content
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]  # 2 slots, one request waits
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert results == dict(enumerate(expected)), logs()
+        # SIGTERM to rank 0's process drains the server: its engine stops and tells rank 1, both exit, and msrun
+        # with them. (msrun answers Ctrl-C by killing every worker at once.)
+        os.kill(worker_pid(port, rank=0), signal.SIGTERM)
+        assert job.wait(timeout=120) == 0, logs()
+        assert "serve.py: stopped" in logs()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
