@@ -1,6 +1,7 @@
 """Side-by-side speed of mindone-qwen2vl (pynative and graph mode) and HF transformers (torch, eager).
 
     python benchmarks/benchmark.py --shape 2b-slice [--json out.json] [--runners hf,pynative,graph]
+    python benchmarks/benchmark.py --shape 3b-slice   # Qwen2.5-VL (the shapes whose name says 2.5 or 3b)
     python benchmarks/benchmark.py --workload mixed --shape overhead [--requests 32] [--runners hf,graph]
 
 For a named shape, one random HF checkpoint is written once (cached under the system temp dir) and every
@@ -36,7 +37,23 @@ SHAPES = {
     "2b-slice": dict(text=dict(num_hidden_layers=4), vision=dict(depth=4)),
     # The full 2B shape (random weights): about 8.8 GB in fp32 per copy.
     "2b": dict(text=dict(), vision=dict()),
+    # Qwen2.5-VL beside them: the same decoder shapes, its windowed tower (the last block of a slice attends
+    # per frame, as every 8th block of the real tower does).
+    "overhead-2.5": dict(model="qwen2_5_vl", text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=28,
+                                                       num_attention_heads=4, num_key_value_heads=2,
+                                                       mrope_section=[2, 3, 3]),
+                         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                                     fullatt_block_indexes=[1])),
+    # The real 3B widths, 4 decoder and 4 vision layers.
+    "3b-slice": dict(model="qwen2_5_vl", text=dict(num_hidden_layers=4),
+                     vision=dict(depth=4, fullatt_block_indexes=[3])),
+    # The full 3B shape (random weights): about 15 GB in fp32 per copy.
+    "3b": dict(model="qwen2_5_vl", text=dict(), vision=dict()),
 }
+# The real configs the shapes start from: Qwen2-VL-2B-Instruct's and Qwen2.5-VL-3B-Instruct's.
+BASE_CONFIGS = {"qwen2_vl": ("mindone_qwen2vl", "assets", "qwen2-vl-2b-instruct", "config.json"),
+                "qwen2_5_vl": ("tests", "assets", "qwen2.5-vl-3b-instruct", "config.json")}
+HF_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 IMAGE_SIZES = {"448x448": (448, 448), "1372x2044": (1372, 2044)}
 QUESTION = "Describe this image in detail."
 QUESTIONS = ["Describe this image.", "What is unusual here?", "Count the objects and say what colour each one is.",
@@ -44,9 +61,26 @@ QUESTIONS = ["Describe this image.", "What is unusual here?", "Count the objects
              "Is there any text? Read it out.", "Compare the two and list every difference you can find."]
 
 
+def model_type(name):
+    return SHAPES[name].get("model", "qwen2_vl")
+
+
+def hf_class(ckpt):
+    import transformers
+
+    with open(os.path.join(ckpt, "config.json")) as f:
+        return getattr(transformers, HF_CLASSES[json.load(f)["model_type"]])
+
+
+def our_class(ckpt):
+    from mindone_qwen2vl.models import model_class, model_type_of
+
+    return model_class(model_type_of(ckpt))
+
+
 def shape_config(name):
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "mindone_qwen2vl", "assets", "qwen2-vl-2b-instruct", "config.json")) as f:
+    with open(os.path.join(here, "..", *BASE_CONFIGS[model_type(name)])) as f:
         config = json.load(f)
     spec = SHAPES[name]
     text = dict(spec["text"])
@@ -55,7 +89,9 @@ def shape_config(name):
     if section:
         config["rope_scaling"] = {"type": "mrope", "mrope_section": section}
     config["vision_config"].update(spec["vision"])
-    if "embed_dim" in spec["vision"] or "hidden_size" in text:
+    if model_type(name) == "qwen2_5_vl":
+        config["vision_config"]["out_hidden_size"] = config["hidden_size"]  # the merger projects to the decoder
+    elif "embed_dim" in spec["vision"] or "hidden_size" in text:
         config["vision_config"]["hidden_size"] = config["hidden_size"]
     config.pop("torch_dtype", None)
     return config
@@ -66,10 +102,11 @@ def checkpoint(name):
     if os.path.exists(os.path.join(folder, "DONE")):
         return folder
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
 
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**shape_config(name)))
+    cls = getattr(transformers, HF_CLASSES[model_type(name)])
+    model = cls(cls.config_class(**shape_config(name)))
     model.save_pretrained(folder, max_shard_size="2GB")
     here = os.path.dirname(os.path.abspath(__file__))
     assets = os.path.join(here, "..", "mindone_qwen2vl", "assets", "qwen2-vl-2b-instruct")
@@ -164,11 +201,10 @@ def run_worker(args):
     prompt = images["448x448"]
     if args.worker == "hf":
         import torch
-        from transformers import Qwen2VLForConditionalGeneration
 
         torch.set_num_threads(os.cpu_count())
         t = time.perf_counter()
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.ckpt, dtype=torch.float32).eval()
+        model = hf_class(args.ckpt).from_pretrained(args.ckpt, dtype=torch.float32).eval()
         result["load_s"] = time.perf_counter() - t
         to_t = lambda d: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()}  # noqa: E731
         with torch.no_grad():
@@ -187,10 +223,8 @@ def run_worker(args):
         import mindspore as ms
 
         ms.set_context(mode=ms.GRAPH_MODE if args.worker == "graph" else ms.PYNATIVE_MODE)
-        from mindone_qwen2vl import Qwen2VLForConditionalGeneration
-
         t = time.perf_counter()
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.ckpt, progress=False)
+        model = our_class(args.ckpt).from_pretrained(args.ckpt, progress=False)
         result["load_s"] = time.perf_counter() - t
         for name, inp in images.items():
             if name in args.skip_vision:
@@ -265,10 +299,9 @@ def run_mixed_worker(args):
     t = time.perf_counter()
     if args.worker == "hf":
         import torch
-        from transformers import Qwen2VLForConditionalGeneration
 
         torch.set_num_threads(os.cpu_count())
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.ckpt, dtype=torch.float32).eval()
+        model = hf_class(args.ckpt).from_pretrained(args.ckpt, dtype=torch.float32).eval()
 
         def generate(inputs):
             with torch.no_grad():
@@ -278,9 +311,7 @@ def run_mixed_worker(args):
         import mindspore as ms
 
         ms.set_context(mode=ms.GRAPH_MODE if args.worker == "graph" else ms.PYNATIVE_MODE)
-        from mindone_qwen2vl import Qwen2VLForConditionalGeneration
-
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.ckpt, progress=False)
+        model = our_class(args.ckpt).from_pretrained(args.ckpt, progress=False)
 
         def generate(inputs):
             model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)

@@ -52,3 +52,21 @@ def test_mixed_workload_reports_each_request(tmp_path):
     assert "graphs" not in summary["hf"]
     rows = [line for line in stdout.splitlines() if line.startswith("| graph |") or line.startswith("| hf |")]
     assert len(rows) == 2, stdout
+
+
+def test_every_shape_is_a_valid_config_of_its_model(tmp_path):
+    """The shapes (Qwen2-VL's and Qwen2.5-VL's) load as our configs and HF's, as the model they name."""
+    import runpy
+
+    import transformers
+
+    from mindone_qwen2vl.config import load_config
+
+    bench = runpy.run_path(BENCHMARK)
+    for name in bench["SHAPES"]:
+        config = bench["shape_config"](name)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        ours = load_config(str(tmp_path))
+        assert ours.model_type == bench["model_type"](name) == config["model_type"], name
+        hf = getattr(transformers, bench["HF_CLASSES"][ours.model_type]).config_class(**config)
+        assert hf.text_config.hidden_size == ours.text_config.hidden_size == ours.vision_config.out_features, name
