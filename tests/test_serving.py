@@ -201,40 +201,6 @@ def test_a_full_queue_is_a_429(server):
     assert statuses.count(429) >= 1 and statuses.count(200) >= 10, statuses
 
 
-def test_ctrl_c_stops_cleanly_mid_stream(server):
-    body = dict(model=MODEL, messages=[{"role": "user", "content": "Go on."}], max_tokens=900, stream=True)
-    got = []
-    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=120) as r:
-        for line in r.iter_lines():
-            if not line:
-                continue
-            got.append(line)
-            if len(got) == 3:
-                server["proc"].send_signal(signal.SIGINT)
-    assert server["proc"].wait(timeout=60) == 0
-    # The stream ended with an error chunk (the engine stopped), not by hanging.
-    payloads = [json.loads(line[6:]) for line in got if line.startswith("data: {")]
-    assert any("error" in p for p in payloads), got[-3:]
-    assert "serve.py: stopped" in open(server["log"]).read()
-
-
-def test_presets_and_flags():
-    from mindone_qwen2vl.serving import parse_args
-
-    args = parse_args(["--config", "qwen2-vl-7b-instruct", "--mode", "pynative"])
-    assert (args.model_name_or_path, args.dtype, args.attn_implementation) == \
-        ("Qwen/Qwen2-VL-7B-Instruct", "bf16", "flash_attention_2")
-    assert args.mode == "pynative" and args.default_max_tokens == 128  # the flag over the preset
-    assert args.image_defaults == {"min_pixels": 200704, "max_pixels": 1003520}
-    assert args.video_defaults == {"max_pixels": 602112, "total_pixels": 19267584, "fps": 2.0}
-    for argv, message in ((["--tensor_parallel", "2"], "--tensor_parallel 2: tensor_parallel_size=2 needs 2 processes"),
-                          (["--config", "no-such-preset"], "--config: no preset 'no-such-preset'"),
-                          (["--max_batch", "0"], "--max_batch 0: out of range")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *argv], capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr[-500:])
-
-
 def worker_pid(port, rank):
     """The pid of the msrun worker of `rank` serving on `port` (msrun starts each worker in a session of its own)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -310,3 +276,37 @@ def test_tensor_parallel_server_answers_as_one_card(server, tmp_path):
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
+
+
+def test_ctrl_c_stops_cleanly_mid_stream(server):
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Go on."}], max_tokens=900, stream=True)
+    got = []
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            got.append(line)
+            if len(got) == 3:
+                server["proc"].send_signal(signal.SIGINT)
+    assert server["proc"].wait(timeout=60) == 0
+    # The stream ended with an error chunk (the engine stopped), not by hanging.
+    payloads = [json.loads(line[6:]) for line in got if line.startswith("data: {")]
+    assert any("error" in p for p in payloads), got[-3:]
+    assert "serve.py: stopped" in open(server["log"]).read()
+
+
+def test_presets_and_flags():
+    from mindone_qwen2vl.serving import parse_args
+
+    args = parse_args(["--config", "qwen2-vl-7b-instruct", "--mode", "pynative"])
+    assert (args.model_name_or_path, args.dtype, args.attn_implementation) == \
+        ("Qwen/Qwen2-VL-7B-Instruct", "bf16", "flash_attention_2")
+    assert args.mode == "pynative" and args.default_max_tokens == 128  # the flag over the preset
+    assert args.image_defaults == {"min_pixels": 200704, "max_pixels": 1003520}
+    assert args.video_defaults == {"max_pixels": 602112, "total_pixels": 19267584, "fps": 2.0}
+    for argv, message in ((["--tensor_parallel", "2"], "--tensor_parallel 2: tensor_parallel_size=2 needs 2 processes"),
+                          (["--config", "no-such-preset"], "--config: no preset 'no-such-preset'"),
+                          (["--max_batch", "0"], "--max_batch 0: out of range")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr[-500:])
