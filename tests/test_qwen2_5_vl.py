@@ -308,29 +308,48 @@ def test_untied_new_key_names_load(tmp_path):
     assert rel_err(ours(**inputs).logits.asnumpy(), hf_logits(hf, **inputs)) < TOL
 
 
-def test_flash_path_equals_hf(hf25):
-    """flash_attention_2 (the emulated Ascend kernel) runs windows and frames as batches of equal-length
-    segments, BNSD, no mask: HF's logits."""
+@pytest.fixture(scope="module")
+def flash25():
+    """(HF model, our model under flash_attention_2 with the emulated kernel): head sizes multiples of 16, as the
+    kernel needs (vision 32 / 2 heads, text 64 / 4)."""
+    import tempfile
+
     import flash_emulation
     from mindone_qwen2vl.precision import PrecisionPolicy
 
     policy = PrecisionPolicy(attn_implementation="flash_attention_2", flash_dtype=ms.float32,
                              flash_kernel=flash_emulation.emulated_flash_attention_score)
-    # The kernel needs head sizes that are multiples of 16: vision 32/2, text 64/4.
     hf = hf_model(hf_config_2_5(vision_heads=2, tokens_per_second=TPS), seed=13)
-    import tempfile
+    return hf, load(save_checkpoint(hf, tempfile.mkdtemp(prefix="tiny_qwen2_5_vl_flash_")), policy=policy)
 
-    flash = load(save_checkpoint(hf, tempfile.mkdtemp(prefix="tiny_qwen2_5_vl_flash_")), policy=policy)
+
+def test_flash_windows_are_batches_of_equal_length(flash25):
+    """flash_attention_2 runs windows and frames as batches of equal-length segments, BNSD, no mask."""
+    import flash_emulation
+
     flash_emulation.CALLS.clear()
     grid = np.array([IMG_A])
-    flash.get_vision_features(random_pixels(grid), grid)
+    flash25[1].get_vision_features(random_pixels(grid), grid)
     # Block 0 windowed: windows of 16, 12, 4 and 3 merged tokens (64, 48, 16, 12 patches), one call per length;
     # block 1 (full attention): the 140-patch frame; block 2 windowed again.
     windowed = [("BNSD", 0, (1, 2, n, 16), (1, 2, n, 16), None) for n in (12, 16, 48, 64)]
-    assert flash_emulation.CALLS == windowed + [("BNSD", 0, (1, 2, 140, 16), (1, 2, 140, 16), None)] + windowed
-    inputs = case_inputs("mixed_left_padded_batch")
-    err = rel_err(flash(**inputs).logits.asnumpy(), hf_logits(hf, **inputs), inputs["attention_mask"])
+    calls = list(flash_emulation.CALLS)
     flash_emulation.CALLS.clear()
+    assert calls == windowed + [("BNSD", 0, (1, 2, 140, 16), (1, 2, 140, 16), None)] + windowed
+
+
+def test_flash_path_equals_hf(flash25):
+    """The whole model under flash attention, in graph mode (the Ascend default; pynative runs the emulation op
+    by op, slowly, and its vision calls are checked above)."""
+    hf, flash = flash25
+    inputs = case_inputs("mixed_left_padded_batch")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        logits = flash(**inputs).logits.asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    err = rel_err(logits, hf_logits(hf, **inputs), inputs["attention_mask"])
+    print(f"flash (emulated) [graph]: {err:.2e}")
     assert err < TOL
 
 
