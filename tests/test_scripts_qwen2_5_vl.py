@@ -1,6 +1,6 @@
 """A Qwen2.5-VL checkpoint through the entry points: scripts/test_vqa.py and scripts/serve.py pick the 2.5 model
 and processor from config.json's model_type and answer as HF's Qwen2_5_VLForConditionalGeneration does (greedy
-tokens on a tiny random checkpoint written by HF; the video's second_per_grid_ts is 2.5, not 1)."""
+tokens on a tiny random checkpoint written by HF; the video's second_per_grid_ts is 2, not 1)."""
 import json
 import os
 import shutil
@@ -68,7 +68,10 @@ def test_vqa_script_answers_images_and_videos_as_hf(qwen25, tmp_path):
     model, folder = qwen25
     conversations = [
         user({"type": "image", "image": IMG1}, {"type": "text", "text": "Describe."}),
-        user({"type": "video", "video": MP4, "fps": 1.0, **SMALL}, {"type": "text", "text": "What happens?"}),
+        # Frames 0-119 (4 s) at 1 fps: 4 frames, 2 s per temporal grid step. A whole number of seconds, where HF 4.57
+        # (which truncates the seconds to an integer) and our fractional rule agree, so HF is the reference.
+        user({"type": "video", "video": MP4, "fps": 1.0, "video_start": 0.0, "video_end": 3.98, **SMALL},
+             {"type": "text", "text": "What happens?"}),
     ]
     batch = tmp_path / "requests.jsonl"
     batch.write_text("".join(json.dumps(c) + "\n" for c in conversations))
@@ -82,7 +85,7 @@ def test_vqa_script_answers_images_and_videos_as_hf(qwen25, tmp_path):
     answers = [json.loads(line)["answer"] for line in output.read_text().splitlines()]
     conversations[0] = user({"type": "image", "image": IMG1, **SMALL}, {"type": "text", "text": "Describe."})
     expected, inputs = hf_answers(model, folder, conversations)
-    assert inputs["second_per_grid_ts"].tolist() == [2.5]  # 4 frames of 5 s: 0.8 fps
+    assert inputs["second_per_grid_ts"].tolist() == [2.0]
     assert answers == expected
 
 
