@@ -40,6 +40,14 @@ FLASH_MAX_HEAD_DIM = 512
 FLASH_MAX_BATCH = 2048  # ops.flash_attention_score documents B from 1 to 2k
 
 
+def segment_batches(count, impl="eager"):
+    """[(start, stop)] ranges of `count` equal-length segments (frames, windows) attended in one call: all of
+    them, except that the flash kernel documents at most FLASH_MAX_BATCH batch entries (a long video, or the
+    windows of many images, can have more)."""
+    step = FLASH_MAX_BATCH if impl == "flash_attention_2" else max(1, count)
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
 def check_flash_head_dim(d):
     """The flash kernel documents head sizes that are multiples of 16, at most 512 (Qwen2-VL's 80 and 128
     are). Checked when a graph is built (d is a constant then), before the kernel could be given a bad size."""

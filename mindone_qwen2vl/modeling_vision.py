@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import flash_kernel, frame_attention, query_blocks
+from .attention import flash_kernel, frame_attention, query_blocks, segment_batches
 from .config import Qwen2VLVisionConfig
 from .graphs import Step, dynamic, like
 from .kernels import PortableKernels, broadcast, kernels_for, rotate_half_matrix, split
@@ -48,10 +48,12 @@ def segment_layout(lengths, num_heads=1, impl="eager") -> AttentionLayout:
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     groups, blocks, order = [], [], []
     for length in sorted(set(lengths.tolist()) - {0}):
-        rows = starts[lengths == length][:, None] + np.arange(length)[None, :]
-        groups.append(rows.astype(np.int32))
-        blocks.append(query_blocks(length, length, len(rows) * num_heads, impl))
-        order += [rows[:, a:b].reshape(-1) for a, b in blocks[-1]]
+        every = starts[lengths == length][:, None] + np.arange(length)[None, :]
+        for first, last in segment_batches(len(every), impl):
+            rows = every[first:last]
+            groups.append(rows.astype(np.int32))
+            blocks.append(query_blocks(length, length, len(rows) * num_heads, impl))
+            order += [rows[:, a:b].reshape(-1) for a, b in blocks[-1]]
     order = np.concatenate(order)
     in_order = (order == np.arange(len(order))).all()
     unpad = None if in_order else np.argsort(order, kind="stable").astype(np.int32)

@@ -89,6 +89,22 @@ def test_flash_vision_calls_batch_the_frames_of_equal_length(flash_ckpt, emulate
     assert emulated_flash == per_block * 2
 
 
+def test_flash_vision_splits_batches_above_the_kernel_limit(flash_ckpt, emulated_flash, monkeypatch):
+    """The kernel documents at most 2048 batch entries: frames (or windows) of one length beyond that go in
+    several calls. Shown with the limit lowered to 2: a 5-frame video runs as 2 + 2 + 1 frames and gives the
+    eager tower's features."""
+    from mindone_qwen2vl import attention
+    from tiny import random_pixels
+
+    grid = np.array([(5, 4, 4)])
+    pixels = random_pixels(grid)
+    eager = load(flash_ckpt).get_vision_features(pixels, grid).asnumpy()
+    monkeypatch.setattr(attention, "FLASH_MAX_BATCH", 2)
+    flash = load(flash_ckpt, policy=FLASH).get_vision_features(pixels, grid).asnumpy()
+    assert [call[2][0] for call in emulated_flash] == [2, 2, 1] * 2  # per block (2): frames per call
+    assert np.abs(flash - eager).max() <= 1e-5 * np.abs(eager).max()
+
+
 def test_emulation_rejects_wrong_plumbing():
     q = ms.Tensor(np.zeros((2, 4, 8, 16), np.float16))
     kv = ms.Tensor(np.zeros((2, 3, 8, 16), np.float16))
