@@ -31,7 +31,7 @@ JOB_TIMEOUT = 400  # seconds; the job takes about a minute on 2 cores
 IMG, VID = (1, 4, 6), (2, 4, 4)
 # Greedy generation checked per checkpoint and mode against the single process's tokens (pynative); graph
 # compiles dominate the job's time, so the second checkpoint generates in graph mode only.
-GENERATE = [("tied", "pynative"), ("tied", "graph"), ("kv_replicated", "graph")]
+GENERATE = [("tied", "pynative"), ("tied", "graph"), ("kv_replicated", "graph"), ("qwen2_5_vl", "graph")]
 
 
 def job_inputs():
