@@ -550,7 +550,11 @@ def test_ctrl_c_mid_generation_exits_130_with_one_line_and_writes_nothing(env, t
             proc.kill()
     assert proc.returncode == 130, (proc.returncode, err)
     # After the signal: the progress bar's last redraw, then one line.
-    lines = [text for text in re.split(r"[\r\n]", err.decode()) if text.strip() and not text.startswith("Generating")]
+    # MindSpore's own C++ log lines ("[WARNING] COMMON(...) ... TensorPy_pydealloc] The tensor has not complete
+    # initialization ...", seen once in a fresh-clone CI run when the signal landed while a tensor was being made)
+    # are its logger's, not ours: left out; anything else, a traceback included, fails.
+    lines = [text for text in re.split(r"[\r\n]", err.decode()) if text.strip() and not text.startswith("Generating")
+             and not re.match(r"\[(WARNING|INFO)\] [A-Z_]+\(\d+,", text)]
     assert lines == ["test_vqa.py: interrupted"], err
     assert out == b""
     assert os.listdir(tmp_path) == ["requests.jsonl"]
