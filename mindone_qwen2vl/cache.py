@@ -45,6 +45,45 @@ class LayerKVCache(nn.Cell):
                                  self.scatter(self.value, rows, value.astype(self.value.dtype))))
 
 
+class LayerKVView(nn.Cell):
+    """The first `length` positions of a layer's cache, for a decode step whose rows all sit below `length`:
+    attention then reads `length` positions per row instead of all of them. The rows attended are the step's
+    first rows (as many as its inputs have)."""
+
+    def __init__(self, layer: LayerKVCache, length):
+        super().__init__(auto_prefix=False)
+        object.__setattr__(self, "base", layer)  # not a sub-cell: the parameters stay the layer's
+        self.length = length
+        self.slice = ops.Slice()
+
+    def update(self, key, value, rows):
+        k, v = self.base.update(key, value, rows)
+        extent = (key.shape[0], -1, self.length, -1)
+        return self.slice(k, (0, 0, 0, 0), extent), self.slice(v, (0, 0, 0, 0), extent)
+
+
+class CacheView(nn.Cell):
+    """A StaticCache seen by a decode step over its first rows and first `length` positions (see
+    StaticCache.view): the same storage, a smaller step."""
+
+    def __init__(self, cache, length):
+        super().__init__(auto_prefix=False)
+        object.__setattr__(self, "cache", cache)
+        self.length = length
+        self.layers = nn.CellList([LayerKVView(layer, length) for layer in cache.layers])
+        self.key_positions = Tensor(np.arange(length, dtype=np.int32).reshape(1, 1, length))
+        self.slice = ops.Slice()
+
+    def rows(self, cache_position):
+        b = cache_position.shape[0]
+        base = self.cache.row_base if b == self.cache.batch else self.slice(self.cache.row_base, (0, 0), (b, -1))
+        return base + cache_position.reshape(-1, 1)
+
+    def attention_mask(self, cache_position):
+        hidden = self.key_positions > cache_position.reshape(-1, 1, 1)
+        return (hidden.astype(ms.float32) * MASK_MIN).reshape(cache_position.shape[0], 1, 1, self.length)
+
+
 class StaticCache(nn.Cell):
     """The KV caches of every decoder layer plus the attention mask over them."""
 
@@ -87,6 +126,13 @@ class StaticCache(nn.Cell):
         so what lies beyond its position is all it must not see."""
         hidden = self.key_positions > cache_position.reshape(-1, 1, 1)  # [B, 1, L]
         return (hidden.astype(ms.float32) * MASK_MIN).reshape(self.batch, 1, 1, self.max_len)
+
+    def view(self, length):
+        """This cache as a decode step over its first rows (as many as the step's inputs) and its first `length`
+        positions sees it; `length` = max_len: all of it."""
+        if not 1 <= length <= self.max_len:
+            raise ValueError(f"a view of {length} positions of a {self.max_len}-position cache")
+        return CacheView(self, length)
 
     def nbytes(self):
         return sum(p.nbytes for p in self.get_parameters())

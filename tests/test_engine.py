@@ -58,7 +58,35 @@ def test_greedy_tokens_alone_batched_and_joining(tiny_ours, graph_mode):
         assert engine.submit(**conversations[0], max_new_tokens=N, eos_token_id=[]).result(300)[0] == expected[0]
         stats = engine.stats()
         assert stats["running"] == 0 and stats["waiting"] == 0 and stats["finished_length"] == 9
-        assert engine.runner.decode.compiled() == 1  # one decode graph for every mix of requests
+        # Decode graphs: (one row | all rows) x (the first VIEW_LENGTH positions | all), whatever the mix of requests.
+        assert 1 <= engine.worker.decode_graphs() <= 4
+    finally:
+        engine.stop()
+
+
+def test_decode_views_of_the_cache_give_the_same_tokens(tiny_ours, graph_mode):
+    """The engine decodes one row while only the first slot is busy and attends over the first VIEW_LENGTH
+    positions while every busy row is below it; a request that crosses VIEW_LENGTH mid-way, and one that
+    joins a busy engine, still get generate()'s tokens alone, and the views add at most 3 graphs."""
+    from mindone_qwen2vl import engine as engine_module
+    from mindone_qwen2vl.engine import Engine
+
+    rng = np.random.default_rng(5)
+    length = engine_module.VIEW_LENGTH
+    crossing = dict(input_ids=rng.integers(1000, 5000, (1, length - 3)))  # positions 509.. cross 512
+    short = rows()[0]  # an image question
+    n = 8
+    expected = [alone(tiny_ours, c, n) for c in (crossing, short)]
+    engine = Engine(tiny_ours, max_batch=2, max_len=2 * length).start()
+    try:
+        # Alone: one row, over the first VIEW_LENGTH positions, then (crossed) over all of them.
+        assert engine.submit(**crossing, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[0]
+        assert sorted(engine.worker.views) == [length, 2 * length]
+        # Together: both rows, crossing while the other request runs.
+        first = engine.submit(**crossing, max_new_tokens=n, eos_token_id=[])
+        second = engine.submit(**short, max_new_tokens=n, eos_token_id=[])
+        assert [first.result(300)[0], second.result(300)[0]] == expected
+        assert engine.worker.decode_graphs() <= 4
     finally:
         engine.stop()
 
