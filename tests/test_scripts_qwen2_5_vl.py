@@ -7,13 +7,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 import tiny
 from test_scripts import ROOT, VQA, run
+from test_serving import wait_ready
 
 ASSETS = os.path.join(ROOT, "tests", "assets")
 TOKENIZER_DIR = os.path.join(ROOT, "mindone_qwen2vl", "assets", "qwen2-vl-2b-instruct")
@@ -99,17 +98,7 @@ def test_server_answers_an_image_request_as_hf(qwen25, tmp_path):
                              "--allowed_local_media_path", ASSETS], stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, open(log.name).read()[-3000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "the server did not get ready"
-            time.sleep(0.5)
+        wait_ready(proc, base, lambda: open(log.name).read()[-3000:])
         client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         content = [{"type": "image_url", "image_url": {"url": "file://" + IMG1}},
                    {"type": "text", "text": "What is in this picture?"}]

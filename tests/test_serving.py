@@ -26,6 +26,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_ready(proc, base, logs, timeout=300):
+    """Poll /health until the server answers 200; fail with its logs (`logs()`) if it exits or times out."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, logs()
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.time() < deadline, "the server did not get ready\n" + logs()
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = free_port()
@@ -35,17 +50,7 @@ def server(tmp_path_factory):
                              "--max_batch", "4", "--max_queue", "6", "--max_len", "1024",
                              "--allowed_local_media_path", ASSETS], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, open(log.name).read()[-3000:]
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.time() < deadline, "the server did not get ready"
-        time.sleep(0.5)
+    wait_ready(proc, base, lambda: open(log.name).read()[-3000:])
     yield dict(proc=proc, base=base, log=log.name, env=env,
                client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
     if proc.poll() is None:
@@ -244,17 +249,7 @@ def test_tensor_parallel_server_answers_as_one_card(server, tmp_path):
 
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 400
-        while True:
-            assert job.poll() is None, logs()
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "the tensor-parallel server did not get ready\n" + logs()
-            time.sleep(1)
+        wait_ready(job, base, logs, timeout=400)
         tp_client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         results = {}
 
