@@ -1,5 +1,6 @@
 # mindspore first: importing decord before it aborts the process.
 import mindspore as ms  # noqa: F401
+import logging
 import os
 import sys
 
@@ -42,3 +43,14 @@ def tiny_ours(tiny_hf):
     from mindone_qwen2vl import Qwen2VLForConditionalGeneration
 
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def quiet_hf_video_deprecation():
+    """HF's numpy image processor warns on every video call that the path is deprecated; it is the reference
+    of the video tests, which ask for this fixture."""
+    logger = logging.getLogger("transformers.models.qwen2_vl.image_processing_qwen2_vl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)

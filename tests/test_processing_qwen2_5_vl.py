@@ -1,7 +1,6 @@
 """Qwen2_5_VLProcessor: equal to HF 4.57's Qwen2_5_VLProcessor (second_per_grid_ts included), fed by
 qwen-vl-utils' return_video_kwargs, saved and loaded as HF does; Qwen2VLProcessor's outputs unchanged."""
 import json
-import logging
 import os
 import shutil
 
@@ -50,14 +49,7 @@ def ours(folder):
     return processor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_hf_video_deprecation():
-    # HF's numpy image processor warns on every video call that the path is deprecated; it is our reference.
-    logger = logging.getLogger("transformers.models.qwen2_vl.image_processing_qwen2_vl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_hf_video_deprecation")  # conftest.py
 
 
 class _NumpyVideos:

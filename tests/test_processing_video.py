@@ -1,5 +1,4 @@
 """Qwen2VLVideoProcessor and videos through Qwen2VLProcessor: equal to HF's numpy video path."""
-import logging
 import os
 
 import numpy as np
@@ -25,14 +24,7 @@ LIMITS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_hf_video_deprecation():
-    # HF's numpy image processor warns on every video call that the path is deprecated; it is our reference.
-    logger = logging.getLogger("transformers.models.qwen2_vl.image_processing_qwen2_vl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_hf_video_deprecation")  # conftest.py
 
 
 @pytest.fixture(scope="module")
