@@ -98,6 +98,9 @@ class _Slot:
         self.step = 0
         self.last = 0
         self.emitted = 0  # characters of the decoded text already sent
+        self.fixed = ""  # text of tokens[:anchor], which ends on a whole character and cannot change
+        self.anchor = 0
+        self.searched = 0  # characters already searched for stop strings (all of `fixed`)
 
 
 PREFILL, DECODE, STOP = 1, 2, 3
@@ -376,21 +379,30 @@ class Engine:
 
     def _text(self, state, final):
         """Text added by the latest token, held back while it could still be the start of a stop string or an
-        incomplete character. -> (text to send, whether a stop string ended the request)."""
+        incomplete character. -> (text to send, whether a stop string ended the request).
+
+        Incremental: only the tokens since the last whole character are decoded again (Qwen's byte-level BPE
+        decodes a run of tokens that ends on a character boundary to the same text alone as in context), and stop
+        strings are looked for only where the new text could complete one."""
         request = state.request
         if self.tokenizer is None:
             return "", False
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+        piece = self.tokenizer.decode(request.tokens[state.anchor:], skip_special_tokens=True)
+        text = state.fixed + piece
+        longest = max((len(s) for s in request.stop), default=0)
+        start = max(0, state.searched - longest + 1)
+        cut = min((i for i in (text.find(s, start) for s in request.stop) if i >= 0), default=-1)
+        if not piece.endswith("\ufffd"):
+            state.fixed, state.anchor = text, len(request.tokens)
+        state.searched = len(state.fixed)
         if cut >= 0:
             text, final = text[:cut], True
         safe = len(text)
         if not final:
-            hold = max((len(s) - 1 for s in request.stop), default=0)
-            safe = len(text.rstrip("\ufffd")) - hold
+            safe = len(text.rstrip("\ufffd")) - max(0, longest - 1)
         added = text[state.emitted:max(safe, state.emitted)]
         state.emitted += len(added)
-        request.text = text[:state.emitted]
+        request.text += added
         return added, cut >= 0
 
     def _finish(self, slot, state, reason):

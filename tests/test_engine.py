@@ -172,3 +172,31 @@ def test_bad_requests_are_refused_before_they_are_queued(tiny_ours):
     for request in waiting:  # stopped before they ran: each ends with an error, nothing hangs
         events = list(request.events(60))
         assert events[-1][0] in ("done", "error")
+
+
+def test_streamed_text_is_the_decoded_text_token_by_token(tokenizer):
+    """The engine decodes incrementally (only the tokens since the last whole character). Fed a text whose
+    characters span several byte-level tokens (Chinese, an emoji, accents), token by token, the pieces it sends
+    add up to the whole decoded text; with a stop string that crosses token boundaries, to the text before it."""
+    from types import SimpleNamespace
+
+    from mindone_qwen2vl.engine import Engine, _Slot
+
+    text = "Le café 北京欢迎你 🦜🦜 naïve—done. Then a stop word: HALT and more 你好"
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(tokens) > 20
+    for stop, expected in (((), text), (("HALT",), text[:text.find("HALT")]), (("迎你",), text[:text.find("迎你")])):
+        request = SimpleNamespace(tokens=[], stop=stop, text="")
+        state = _Slot(request, None, 0, 0, set())
+        engine = SimpleNamespace(tokenizer=tokenizer)
+        sent, stopped = [], False
+        for i, token in enumerate(tokens):
+            request.tokens.append(token)
+            added, stopped = Engine._text(engine, state, final=i == len(tokens) - 1)
+            sent.append(added)
+            assert "\ufffd" not in added
+            if stopped:
+                break
+        assert "".join(sent) == expected == request.text
+        assert stopped == bool(stop)
+        assert state.anchor > 0  # it decoded incrementally: the settled prefix moved on
