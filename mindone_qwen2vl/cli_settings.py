@@ -3,6 +3,7 @@
 A problem is a UsageError found here, before MindSpore models, transformers or media are loaded.
 """
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -85,8 +86,14 @@ def _check_output(path):
         raise UsageError(f"--output {path!r} is a directory")
     if not os.path.isdir(parent):
         raise UsageError(f"--output {path!r}: folder {parent!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {path!r}: folder {parent!r} is not writable")
+    # Tried, not inferred from the permission bits: a read-only mount, an immutable folder, an ACL, or a file
+    # system such as /sys that refuses new files whatever the bits say (os.access said yes there, as root).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise UsageError(f"--output {path!r}: folder {parent!r} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _check_preset(preset, name):

@@ -5,6 +5,7 @@ each checks several things: several images with streaming, a video with a preset
 file. Bad arguments are checked once per script in a subprocess (exit code 2, one line); the other bad arguments
 and the failures (exit code 1) go through `cli.main` in this process, which is all the scripts call.
 """
+import contextlib
 import json
 import os
 import re
@@ -525,7 +526,74 @@ def test_config_that_contradicts_itself_names_config_json(env, tmp_path, capsys)
     assert code == 1 and out == "" and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"test_vqa.py: error: {folder / 'config.json'}: ") and "mrope_section" in last, last
+    assert "hidden_size 64 / num_attention_heads 8" in last, last
     assert os.listdir(work) == ["requests.jsonl"]
+
+
+@contextlib.contextmanager
+def refusing_new_files(folder):
+    """``folder`` refuses new files for as long as the block runs: by its mode bits for a normal user; for root,
+    whom mode bits do not stop, by the immutable attribute (chattr +i). Skips the test when neither works."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        undo = ["chmod", "755", str(folder)]
+    else:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("root without chattr +i: no way to make a folder refuse files")
+        undo = ["chattr", "-i", str(folder)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_output_folder_that_refuses_files_is_a_bad_argument(tmp_path, capsys):
+    """--output's folder is tried (a file made and removed) before anything is loaded: a read-only folder exits 2
+    naming it, and so does one whose mode bits say writable but which refuses files anyway (/sys, as root)."""
+    batch = write(tmp_path / "requests.jsonl", line({"type": "text", "text": "hi"}))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with refusing_new_files(locked):
+        output = str(locked / "answers.jsonl")
+        code, out, err = call("image", ["--batch_file", batch, "--output", output], capsys)
+    assert code == 2 and out == "", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"test_vqa.py: error: --output {output!r}: folder {str(locked)!r} "
+                                                   "is not writable ("), err
+    assert os.listdir(locked) == [] and sorted(os.listdir(tmp_path)) == ["locked", "requests.jsonl"]
+    if os.path.isdir("/sys") and os.access("/sys", os.W_OK) and not os.path.exists("/sys/answers.jsonl"):
+        try:  # does this machine's /sys refuse files although access() allows them (root)?
+            os.close(os.open("/sys/answers.probe", os.O_CREAT | os.O_WRONLY))
+            os.remove("/sys/answers.probe")
+        except OSError:
+            code, _, err = call("image", ["--batch_file", batch, "--output", "/sys/answers.jsonl"], capsys)
+            assert code == 2 and "folder '/sys' is not writable" in err, err
+
+
+def test_full_disk_names_the_output_and_writes_nothing(env, tmp_path, capsys, monkeypatch):
+    """The answers' temporary file on a full disk (its writes go to /dev/full, which fails each with ENOSPC):
+    exit 1, one line naming --output's path, no answers file and no temporary file left."""
+    import tempfile
+    import types
+
+    from mindone_qwen2vl import cli_output
+
+    def mkstemp_on_a_full_disk(*args, **kwargs):
+        fd, path = tempfile.mkstemp(*args, **kwargs)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), path
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    monkeypatch.setattr(cli_output, "tempfile", types.SimpleNamespace(mkstemp=mkstemp_on_a_full_disk))
+    batch = write(tmp_path / "requests.jsonl", line({"type": "text", "text": "hi"}))
+    output = str(tmp_path / "answers.jsonl")
+    code, out, err = call("image", ["--batch_file", batch, "--output", output, "--max_new_tokens", "2", "--mode",
+                                    "pynative", "--model_name_or_path", env["folder"]], capsys)
+    assert code == 1 and out == "" and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"test_vqa.py: error: cannot write {output}: No space left on device "
+                                            "(--debug shows the traceback)"), err
+    assert os.listdir(tmp_path) == ["requests.jsonl"]
 
 
 def test_ctrl_c_mid_generation_exits_130_with_one_line_and_writes_nothing(env, tmp_path):
