@@ -363,6 +363,22 @@ class GenerateOutput(dict):
             raise AttributeError(name) from None
 
 
+# HF options this generate does not implement, accepted at the value that asks for none of it (HF's default), so
+# that calls written for HF (`num_beams=1`, ...) run unchanged; any other value is refused by name.
+NOTHING_ASKED = {"num_beams": 1, "num_beam_groups": 1, "output_attentions": False, "output_hidden_states": False}
+
+
+def _asks_nothing(name, value):
+    if name not in NOTHING_ASKED:
+        return False
+    if value is None:
+        return True
+    default = NOTHING_ASKED[name]
+    if isinstance(default, bool):
+        return value is False or (isinstance(value, np.bool_) and not value)
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value == default
+
+
 def stop_string_rows(tokenizer, stop_strings, rows):
     """Rows (lists of token ids) whose text now holds a stop string that ends in their last token, HF's rule (a
     stop string seen earlier does not count again). -> bool array."""
@@ -398,14 +414,19 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     `stop_strings` (with `tokenizer=`) end a row as HF's StopStringCriteria does (the text kept, as HF does).
     `return_dict_in_generate=True` returns a GenerateOutput (sequences, and scores / logits when asked).
     Generation from `inputs_embeds` alone is not supported: pass input_ids (and the vision inputs).
+    Other HF options raise a TypeError naming them, except `num_beams=1`, `num_beam_groups=1`,
+    `output_attentions=False` and `output_hidden_states=False`, which ask for nothing more (HF's defaults).
     `second_per_grid_ts` (Qwen2.5-VL, from its processor): seconds per temporal grid step of each video, as HF.
 
     Returns the ids with the prompt first, [batch, prompt + new] int64, like HF: a numpy array, or an
     ms.Tensor when input_ids was one (so `out[:, inputs["input_ids"].shape[1]:]` and
     `processor.batch_decode` work as with HF).
     """
-    if unknown:
-        raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
+    unsupported = [f"{k}={v!r}" if k in NOTHING_ASKED else k for k, v in sorted(unknown.items())
+                   if not _asks_nothing(k, v)]
+    if unsupported:
+        raise TypeError(f"generate() got unsupported arguments: {', '.join(unsupported)} (greedy search and "
+                        "sampling only: no beam search, no attentions or hidden states in the output)")
     if inputs_embeds is not None:
         raise ValueError("generate from inputs_embeds is not supported: pass input_ids and the vision inputs")
     if not use_cache:

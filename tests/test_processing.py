@@ -175,6 +175,7 @@ def test_save_pretrained_round_trip(tmp_path):
     ours.chat_template = ours.chat_template.replace("You are a helpful assistant.", "You are terse.")
     video = ours.video_processor
     video.min_pixels, video.max_pixels, video.do_sample_frames, video.num_frames = 8 * 784, 32 * 784, True, 4
+    ours.image_processor.patch_size = video.patch_size = 16  # not the files' 14: saved, not defaulted
     ours.save_pretrained(str(tmp_path))
     assert {"chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
             "tokenizer_config.json"} <= set(os.listdir(tmp_path))
@@ -188,6 +189,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert (again.video_processor.min_pixels, again.video_processor.num_frames) == (8 * 784, 4)
     for name in ("patch_size", "temporal_patch_size", "merge_size"):
         assert getattr(again.image_processor, name) == getattr(ours.image_processor, name)
+    assert again.image_processor.patch_size == again.video_processor.patch_size == 16
     a = ours(text=prompt(1), images=raw_images()[:1])
     b = again(text=prompt(1), images=raw_images()[:1])
     np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
@@ -195,7 +197,7 @@ def test_save_pretrained_round_trip(tmp_path):
     # HF reads the same: its processor's chat template, its image processor, its tokenizer's template.
     assert ProcessorMixin.get_processor_dict(str(tmp_path))[0]["chat_template"] == ours.chat_template
     hf_image = Qwen2VLImageProcessor.from_pretrained(str(tmp_path))
-    assert (hf_image.min_pixels, hf_image.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
+    assert (hf_image.min_pixels, hf_image.max_pixels, hf_image.patch_size) == (16 * 28 * 28, 64 * 28 * 28, 16)
     assert AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == ours.chat_template
     with open(tmp_path / "video_preprocessor_config.json", encoding="utf-8") as f:
         saved = json.load(f)

@@ -263,3 +263,35 @@ def test_another_video_processor_gets_hf_s_rule(folder, hf):
                     hf(text=texts, videos=small_videos(), return_tensors="np", **options))
     with pytest.raises(ValueError, match=r"fps gives 2 value\(s\) for 3 video"):
         other(text=texts, videos=small_videos(), fps=[1.0, 2.0])
+
+
+def test_hf_calling_conventions_equal_hf(ours, hf, folder, tmp_path):
+    """Issue 20's processor items on Qwen2.5-VL's processor: per-sample lists, *_kwargs dicts, fps per video,
+    processor() with nothing, decode defaults, and a save/load of changed settings."""
+    a, b = images()
+    v1, v2, v3 = small_videos()
+    texts = [prompt("image", "video"), prompt(question="Nothing to see."), prompt("video", "image", "video")]
+    nested = ours(text=texts, images=[[a], [], [b]], videos=[[v1], [], [v2, v3]], text_kwargs={"padding": True},
+                  videos_kwargs={"fps": [2.0, 1.0, 4.0]}, return_tensors="np")
+    ref = hf(text=texts, images=[[a], [], [b]], videos=[v1, v2, v3], text_kwargs={"padding": True},
+             videos_kwargs={"fps": [2.0, 1.0, 4.0]}, return_tensors="np")
+    assert_same(nested, ref)
+    assert nested["second_per_grid_ts"].tolist() == [1.0, 2.0, 0.5]
+    flat = ours(text=texts, images=[a, b], videos=[v1, v2, v3], padding=True, fps=[2.0, 1.0, 4.0])
+    assert_same(nested, flat)
+    with pytest.raises(ValueError, match="Qwen2_5_VLProcessor needs text, images or videos"):
+        ours()
+    ids = ours.tokenizer(["Hi<|im_end|>"], return_tensors="np")["input_ids"]
+    assert ours.batch_decode(ids) == hf.tokenizer.batch_decode(ids) == ["Hi<|im_end|>"]
+    assert ours.decode(ids[0], skip_special_tokens=True) == "Hi"
+
+    changed = Qwen2_5_VLProcessor.from_pretrained(folder, **SMALL)
+    changed.chat_template = changed.chat_template.replace("You are a helpful assistant.", "Be brief.")
+    changed.video_processor.fps, changed.video_processor.do_sample_frames = 1.0, True
+    changed.video_processor.max_pixels = 32 * 28 * 28
+    changed.save_pretrained(str(tmp_path))
+    again = Qwen2_5_VLProcessor.from_pretrained(str(tmp_path))
+    assert again.chat_template == changed.chat_template and "Be brief." in again.chat_template
+    assert again.video_processor.to_dict() == changed.video_processor.to_dict()
+    assert (again.image_processor.min_pixels, again.image_processor.max_pixels) == (SMALL["min_pixels"],
+                                                                                 SMALL["max_pixels"])

@@ -307,6 +307,9 @@ def test_following_the_installed_release(real):
     import mindone_qwen2vl.qwen_vl_utils as ours
 
     assert "qwen-vl-utils`` 0.0.14" in ours.__doc__
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(readme, encoding="utf-8") as f:
+        assert "follows **qwen-vl-utils 0.0.14**" in " ".join(f.read().split())  # the README states it too
 
 
 def test_smart_resize_equals_upstream(real):
