@@ -37,9 +37,20 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 class TrickleHandler(http.server.BaseHTTPRequestHandler):
-    """/slow...: headers (1000 bytes announced), then one byte every 2 s; /big: 64 KiB chunks with no length."""
+    """/slow...: headers (1000 bytes announced), then one byte every 2 s; /big: 64 KiB chunks with no length;
+    /headers...: the status line, then a header one byte every 0.5 s (urllib reads headers inside urlopen)."""
 
     def do_GET(self):
+        if self.path.startswith("/headers"):
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(120):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:  # the client gave up
+                pass
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         if self.path.startswith("/slow"):
@@ -265,6 +276,20 @@ def test_url_downloads_have_a_deadline_a_size_limit_and_a_read_timeout(monkeypat
         monkeypatch.setenv("QWENVL_URL_MAX_BYTES", "lots")
         with pytest.raises(ValueError, match="QWENVL_URL_MAX_BYTES='lots': expected a positive whole number"):
             fetch_image({"image": url})
+
+
+def test_url_deadline_also_bounds_a_server_trickling_its_headers(monkeypatch):
+    """Headers arrive inside urlopen, where each byte within QWENVL_URL_TIMEOUT restarts the read's timeout: the
+    deadline still ends the download on time (the server alone would take 60 s)."""
+    monkeypatch.setenv("QWENVL_URL_DEADLINE", "1.5")
+    monkeypatch.setenv("QWENVL_URL_TIMEOUT", "5")
+    with trickle_server() as base:
+        url = f"{base}/headers.jpg"
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=rf"could not download image from {url}: not finished within the "
+                                             r"deadline of 1.5 s \(QWENVL_URL_DEADLINE\), after 0 bytes"):
+            fetch_image({"image": url})
+        assert time.monotonic() - start < 4
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):

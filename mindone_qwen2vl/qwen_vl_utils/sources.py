@@ -12,6 +12,8 @@ from __future__ import annotations
 import http.client
 import math
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -79,6 +81,65 @@ class DownloadError(ValueError):
     """A download that failed or broke a limit; the message names the URL."""
 
 
+class _Deadline:
+    """Ends a download at its deadline whatever it waits for: a timer shuts the connection's socket down, which
+    wakes a read blocked anywhere (a server trickling its status line or headers, which the per-read timeout
+    alone lets run on, byte by byte, or the body). Its handlers make urllib's connections (redirects included)
+    through `connection`, which registers each."""
+
+    def __init__(self, seconds: float):
+        self.lock = threading.Lock()
+        self.connections = []
+        self.expired = False
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+
+    def connection(self, http_class):
+        def make(*args, **kwargs):
+            conn = http_class(*args, **kwargs)
+            connect = conn.connect
+
+            def connect_then_check():
+                connect()
+                with self.lock:
+                    self.connections.append(conn)
+                    if self.expired:  # the deadline passed while connecting
+                        self._shut(conn)
+
+            conn.connect = connect_then_check
+            return conn
+
+        return make
+
+    def _expire(self):
+        with self.lock:
+            self.expired = True
+            for conn in self.connections:
+                self._shut(conn)
+
+    @staticmethod
+    def _shut(conn):
+        sock = conn.sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's (for TLS too): EOF to readers
+            except OSError:  # already closed
+                pass
+
+    def opener(self):
+        deadline = self
+
+        class HTTP(urllib.request.HTTPHandler):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(deadline.connection(http_class), req, **kwargs)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(deadline.connection(http_class), req, **kwargs)
+
+        return urllib.request.build_opener(HTTP, HTTPS)
+
+
 def read_url(url: str, kind: str) -> bytes:
     """The body of ``url`` within the download limits; any failure (HTTP status, refused connection, timeout,
     deadline, size) is a DownloadError (a ValueError) naming the URL and, for a limit, its variable."""
@@ -95,8 +156,10 @@ def read_url(url: str, kind: str) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mindone-qwen2vl"})
     size = 0
     deadline_wait = limits.deadline <= limits.timeout  # the wait in progress ends at the deadline
+    deadline = _Deadline(limits.deadline)
+    deadline.timer.start()
     try:
-        with urllib.request.urlopen(request, timeout=min(limits.timeout, limits.deadline)) as response:
+        with deadline.opener().open(request, timeout=min(limits.timeout, limits.deadline)) as response:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > limits.max_bytes:
                 raise fail(f"its {int(declared)} bytes exceed the limit of {limits.max_bytes} (QWENVL_URL_MAX_BYTES)")
@@ -111,6 +174,8 @@ def read_url(url: str, kind: str) -> bytes:
                     sock.settimeout(min(limits.timeout, left))
                 chunk = response.read1(CHUNK)
                 if not chunk:
+                    if deadline.expired:  # the end the deadline made, not the body's
+                        raise late(size)
                     return b"".join(chunks)
                 size += len(chunk)
                 if size > limits.max_bytes:
@@ -121,12 +186,16 @@ def read_url(url: str, kind: str) -> bytes:
     except urllib.error.HTTPError as err:
         raise fail(f"HTTP {err.code} {err.reason}") from err
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
+        if deadline.expired:  # whatever the shut socket made the reader raise
+            raise late(size) from err
         reason = getattr(err, "reason", err)
         if isinstance(err, TimeoutError) or isinstance(reason, TimeoutError):
             if deadline_wait:
                 raise late(size) from err
             reason = f"no data for {limits.timeout:g} s (QWENVL_URL_TIMEOUT)"
         raise fail(reason) from err
+    finally:
+        deadline.timer.cancel()
 
 
 SOURCE_KEY = "mindone_qwen2vl.source"  # in a decoded image's ``info``: where it was read from, for messages
