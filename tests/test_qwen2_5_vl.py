@@ -231,6 +231,23 @@ def test_bad_second_per_grid_ts_fails_before_the_vision_tower(ours25, monkeypatc
             call(**inputs)
 
 
+def _bad_inputs():
+    from test_inputs import BAD  # Qwen2-VL's table: the same vocabulary, patch width and merge size
+
+    return BAD
+
+
+@pytest.mark.parametrize("name,inputs,message", _bad_inputs(), ids=[b[0] for b in _bad_inputs()])
+def test_bad_inputs_are_named_before_any_work(ours25, monkeypatch, name, inputs, message):
+    """Qwen2.5-VL's generate and forward check their inputs as Qwen2-VL's do (ids outside the vocabulary,
+    negative ids, pixels of the wrong width, grids of the wrong shape, NaN pixels...), before the tower runs."""
+    monkeypatch.setattr(ours25, "get_vision_features", lambda *a: pytest.fail("the tower ran"), raising=False)
+    for call in (ours25.forward, lambda **kw: ours25.generate(**kw, max_new_tokens=2)):
+        with pytest.raises(ValueError) as info:
+            call(**inputs)
+        assert message in str(info.value), (name, str(info.value))
+
+
 def test_fractional_seconds_differ_from_hf_only_in_positions(hf25, ours25):
     """With 0.5 s per grid step our logits are HF's given our positions: the documented difference is the
     temporal positions, nothing else."""
