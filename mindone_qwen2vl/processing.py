@@ -676,6 +676,11 @@ class Qwen2VLProcessor:
                 # A PIL image is height x width x channels. Left to guess, HF reads an image 1 or 3 pixels high
                 # as channels first: a 3 x 40 image came out as a 16 x 2 grid, a 1 x 1 image failed.
                 settings["input_data_format"] = "channels_last"
+            elif (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[0] == 1 and image.shape[-1] == 3
+                  and "input_data_format" not in settings):
+                # An array one pixel high with 3 channels last: HF's guess, channels first, makes it a one-channel
+                # image, which it then cannot normalise ("mean must have 1 elements"); only one reading works.
+                settings["input_data_format"] = "channels_last"
             try:
                 out = self.image_processor(images=image, return_tensors=None, **settings)
             except ValueError as err:

@@ -316,6 +316,24 @@ def test_aspect_ratio_over_200_names_the_image(processor):
         processor(text=prompt(2), images=[raw_images()[0], strip])
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 2), (1, 40), (3, 40)])
+def test_images_a_few_pixels_high(processor, height, width):
+    """A 1x1 image (HF failed: "mean must have 1 elements") and other images 1 or 3 pixels high, which HF reads
+    channels first: as PIL images, and 1 pixel high also as HxWx3 arrays, the grid is smart_resize's and the
+    pixels those of HF's processor told the channels are last."""
+    from mindone_qwen2vl.qwen_vl_utils import smart_resize
+
+    pixels = (np.arange(height * width * 3).reshape(height, width, 3) * 37 % 256).astype(np.uint8)
+    ip = processor.image_processor
+    h, w = smart_resize(height, width, min_pixels=ip.min_pixels, max_pixels=ip.max_pixels)
+    hf = Qwen2VLImageProcessor.from_pretrained(MODEL_DIR)(images=pixels, input_data_format="channels_last")
+    sources = [Image.fromarray(pixels)] + ([pixels] if height == 1 else [])
+    for image in sources:
+        out = processor(text=prompt(1), images=[image])
+        assert out["image_grid_thw"].tolist() == [[1, h // 14, w // 14]], type(image)
+        np.testing.assert_allclose(out["pixel_values"], hf["pixel_values"], atol=1e-6, err_msg=str(type(image)))
+
+
 def test_missing_image_path_in_call(processor, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         processor(text=prompt(1), images=[str(tmp_path / "nope.jpg")])
