@@ -116,7 +116,10 @@ def build_parser(kind):
     what = "images" if kind == "image" else "videos"
     p = _Parser(prog=prog, description=f"Ask Qwen2-VL or Qwen2.5-VL about {what} (MindSpore, Ascend or CPU).",
                 epilog="Without --model_name_or_path a tiny model with random weights runs the whole pipeline "
-                       "(meaningless answers). Exit codes: 0 done, 1 failure, 2 bad arguments, 130 interrupted.")
+                       "(meaningless answers). Exit codes: 0 done, 1 failure, 2 bad arguments, 130 interrupted. "
+                       "http(s) downloads are bounded by environment variables: QWENVL_URL_TIMEOUT (seconds without "
+                       "data, default 30), QWENVL_URL_DEADLINE (seconds for the whole download, default 300), "
+                       "QWENVL_URL_MAX_BYTES (default 1073741824).")
     m = p.add_argument_group("model")
     m.add_argument("--model_name_or_path", help="hub id, Hugging Face folder or converted folder "
                                                 "(default: the tiny random-weight model)")

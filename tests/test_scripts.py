@@ -426,6 +426,11 @@ def test_help_lists_the_options(capsys):
                  "--dtype", "--attn_implementation", "--mode", "--do_sample", "--debug"):
         assert flag in out
     assert "Exit codes: 0 done, 1 failure, 2 bad arguments" in " ".join(out.split())
+    from mindone_qwen2vl.qwen_vl_utils.sources import _LIMITS
+
+    text = " ".join(out.split())
+    for variable, (default, _) in _LIMITS.items():  # the download limits, with the defaults in force
+        assert re.search(rf"{variable} \([^)]*default {int(default)}\)", text), variable
 
 
 # ---------------------------------------------------------------------------------------------- bad input (issue 19)
