@@ -4,15 +4,18 @@ Nothing here touches a device; the model (modeling_qwen2_vl) and generation call
 """
 import numpy as np
 from mindspore import Tensor
+from mindspore.common import dtype as mstype
 
 
 def to_numpy(x, dtype=None):
     if x is None:
         return None
     if isinstance(x, Tensor):
-        x = x.asnumpy()
+        # numpy has no bfloat16: such a tensor is read as float32 (exactly: bf16 values are float32 values).
+        x = (x.astype(mstype.float32) if x.dtype == mstype.bfloat16 else x).asnumpy()
     elif hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor handed over from an HF pipeline
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
     x = np.asarray(x)
     return x if dtype is None else x.astype(dtype)
 
@@ -144,11 +147,50 @@ def causal_mask(attention_mask, query_len, key_len, past_len=0):
     return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
 
 
+def _array(value, name):
+    try:
+        return to_numpy(value)
+    except (ValueError, TypeError) as error:  # ragged nested lists, objects numpy cannot hold
+        raise ValueError(f"{name} must be a rectangular array of numbers: {error}") from None
+
+
 def _int_array(value, name):
-    arr = to_numpy(value)
+    arr = _array(value, name)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds {int(arr.max())}, beyond any valid value")  # before int64 wraps it
     return arr.astype(np.int64)
+
+
+def check_media(config, pixels, grid, kind="image", names=None):
+    """One kind of media input: pixels [N, C*T*P*P] floating point (bf16 included) and finite, grid [n, 3] of
+    t >= 1 and h, w multiples of the merge size, N = sum(t*h*w). -> (pixels float32, grid int64), or a ValueError
+    naming the argument (pixel_values / pixel_values_videos, image_grid_thw / video_grid_thw, or `names`)."""
+    vision = config.vision_config
+    pname, gname = names or ("pixel_values" if kind == "image" else "pixel_values_videos", f"{kind}_grid_thw")
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    g = _int_array(grid, gname)
+    if g.ndim == 1 and g.size == 3:
+        g = g[None]
+    if g.ndim != 2 or g.shape[1] != 3 or len(g) == 0:
+        raise ValueError(f"{gname} must be [items, 3] (t, h, w per {kind}), got shape {tuple(g.shape)}")
+    merge = vision.spatial_merge_size
+    if (g < 1).any() or (g[:, 1:] % merge).any():
+        row = int(np.nonzero((g < 1).any(-1) | (g[:, 1:] % merge).any(-1))[0][0])
+        raise ValueError(f"{gname} row {row} is {g[row].tolist()}: t, h and w must be >= 1 and h, w multiples of "
+                         f"{merge}")
+    p = _array(pixels, pname)
+    if not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"{pname} must be floating point, got dtype {p.dtype}")
+    patches = sum(int(t) * int(h) * int(w) for t, h, w in g.tolist())  # Python ints: no int64 overflow
+    if p.ndim != 2 or p.shape != (patches, width):
+        raise ValueError(f"{pname} must be [{patches}, {width}] for {gname} {g.tolist()} (patches x channels * "
+                         f"temporal patch * patch^2), got shape {tuple(p.shape)}")
+    p = p.astype(np.float32)
+    if not np.isfinite(p).all():
+        raise ValueError(f"{pname} holds {int((~np.isfinite(p)).sum())} values that are not finite (NaN or inf)")
+    return p, g
 
 
 def check_inputs(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -182,36 +224,14 @@ def check_inputs(config, input_ids, attention_mask=None, pixel_values=None, imag
         empty = np.nonzero(~mask.any(-1))[0]
         if len(empty):
             raise ValueError(f"attention_mask rows {empty.tolist()} are all padding")
-    vision = config.vision_config
-    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     media = []
     for kind, pixels, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
-        pname = "pixel_values" if kind == "image" else "pixel_values_videos"
-        gname = f"{kind}_grid_thw"
         if pixels is None and grid is None:
             media.append(None)
             continue
         if pixels is None or grid is None:
+            pname = "pixel_values" if kind == "image" else "pixel_values_videos"
+            gname = f"{kind}_grid_thw"
             raise ValueError(f"{pname} and {gname} go together: got only {gname if pixels is None else pname}")
-        g = _int_array(grid, gname)
-        if g.ndim == 1 and g.size == 3:
-            g = g[None]
-        if g.ndim != 2 or g.shape[1] != 3 or len(g) == 0:
-            raise ValueError(f"{gname} must be [items, 3] (t, h, w per {kind}), got shape {tuple(g.shape)}")
-        merge = vision.spatial_merge_size
-        if (g < 1).any() or (g[:, 1:] % merge).any():
-            row = int(np.nonzero((g < 1).any(-1) | (g[:, 1:] % merge).any(-1))[0][0])
-            raise ValueError(f"{gname} row {row} is {g[row].tolist()}: t, h and w must be >= 1 and h, w multiples of "
-                             f"{merge}")
-        p = to_numpy(pixels)
-        if not np.issubdtype(p.dtype, np.floating):
-            raise ValueError(f"{pname} must be floating point, got dtype {p.dtype}")
-        patches = int(g.prod(-1).sum())
-        if p.ndim != 2 or p.shape != (patches, width):
-            raise ValueError(f"{pname} must be [{patches}, {width}] for {gname} {g.tolist()} (patches x channels * "
-                             f"temporal patch * patch^2), got shape {tuple(p.shape)}")
-        p = p.astype(np.float32)
-        if not np.isfinite(p).all():
-            raise ValueError(f"{pname} holds {int((~np.isfinite(p)).sum())} values that are not finite (NaN or inf)")
-        media.append((p, g))
+        media.append(check_media(config, pixels, grid, kind))
     return ids, mask, media[0], media[1]

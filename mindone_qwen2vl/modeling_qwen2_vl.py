@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 
 from .config import Qwen2VLConfig
 from .graphs import Step, dynamic
-from .inputs import check_inputs, check_second_per_grid_ts, get_rope_index, to_numpy
+from .inputs import check_inputs, check_media, check_second_per_grid_ts, get_rope_index, to_numpy
 from .layers import Linear
 from .modeling_text import Qwen2VLTextModel
 from .modeling_vision import Qwen2VisionTransformer
@@ -126,13 +126,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     @serialized
     def get_vision_features(self, pixel_values, grid_thw):
         """Merged vision features [sum(t*h*w)/4, hidden] for images or videos (or both concatenated)."""
-        grid = to_numpy(grid_thw, np.int64).reshape(-1, 3)
-        pixels = to_numpy(pixel_values, np.float32)
-        if pixels.ndim != 2 or pixels.shape[0] != int(grid.prod(-1).sum()):
-            raise ValueError(
-                f"pixel values of shape {tuple(pixels.shape)} do not match grid_thw {grid.tolist()}: "
-                f"expected [{int(grid.prod(-1).sum())}, channels*temporal_patch*patch*patch] patches"
-            )
+        pixels, grid = check_media(self.config, pixel_values, grid_thw, names=("pixel_values", "grid_thw"))
         return self.visual(pixels, grid)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,

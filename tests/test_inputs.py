@@ -41,6 +41,11 @@ BAD = [
      f"pixel_values holds {24 * PATCH_DIM} values that are not finite"),
     ("integer pixels", image_inputs(pixel_values=np.zeros((24, PATCH_DIM), np.int64)),
      "pixel_values must be floating point"),
+    ("ragged ids", dict(input_ids=[[1, 2, 3], [1, 2]]), "input_ids must be a rectangular array of numbers"),
+    ("uint64 id beyond int64", dict(input_ids=np.array([[1, 2 ** 64 - 1]], np.uint64)),
+     "input_ids holds 18446744073709551615, beyond any valid value"),
+    ("grid whose patch count overflows int64", image_inputs(image_grid_thw=np.array([[1, 2 ** 40, 2 ** 40]])),
+     f"pixel_values must be [1208925819614629174706176, {PATCH_DIM}]"),
 ]
 
 
@@ -78,3 +83,33 @@ def test_threads_get_their_sequential_answers(tiny_ours, mode):
         assert len(results) == len(threads)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+VISION_BAD = [
+    (np.zeros((24, 100), np.float32), [IMG], f"pixel_values must be [24, {PATCH_DIM}] for grid_thw [[1, 4, 6]]"),
+    (np.full((24, PATCH_DIM), np.nan, np.float32), [IMG], "pixel_values holds"),
+    (random_pixels([IMG], 1), [[1, 4]], "grid_thw must be [items, 3]"),
+    (random_pixels([IMG], 1), [[1, 2 ** 40, 2 ** 40]], "pixel_values must be [1208925819614629174706176,"),
+]
+
+
+@pytest.mark.parametrize("pixels,grid,message", VISION_BAD)
+def test_vision_features_check_their_inputs(tiny_ours, pixels, grid, message):
+    """get_vision_features is public: the same named checks as generate's, never MindSpore's C++ error."""
+    with pytest.raises(ValueError) as info:
+        tiny_ours.get_vision_features(pixels, np.array(grid))
+    assert message in str(info.value)
+
+
+def test_bf16_and_torch_inputs_are_accepted(tiny_ours):
+    """pixel_values in bfloat16 (a MindSpore or torch tensor; numpy has no bf16) are read as float32, exactly."""
+    import torch
+
+    inputs = image_inputs()
+    pixels = inputs["pixel_values"]
+    as_bf16 = torch.from_numpy(pixels).to(torch.bfloat16)
+    exact = as_bf16.float().numpy()
+    want = tiny_ours.forward(**image_inputs(pixel_values=exact)).logits.asnumpy()
+    for given in (as_bf16, ms.Tensor(exact).astype(ms.bfloat16)):
+        got = tiny_ours.forward(**image_inputs(pixel_values=given, input_ids=torch.from_numpy(inputs["input_ids"])))
+        np.testing.assert_array_equal(got.logits.asnumpy(), want)

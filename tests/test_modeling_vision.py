@@ -68,7 +68,7 @@ def test_plan_rejects_odd_grid():
 
 
 def test_pixels_that_do_not_match_the_grid(tiny_ours):
-    with pytest.raises(ValueError, match="do not match grid_thw"):
+    with pytest.raises(ValueError, match=r"pixel_values must be \[24, \d+\] for grid_thw \[\[1, 4, 6\]\]"):
         tiny_ours.get_vision_features(random_pixels([(1, 4, 4)]), [(1, 4, 6)])
 
 
