@@ -80,6 +80,7 @@ def test_return_dict_scores_and_logits_equal_hf(pair):
         options.update(max_new_tokens=3, return_dict_in_generate=True, output_scores=True, output_logits=True)
         mine, ref = ours.generate(**inputs, **options), hf_generate(hf, inputs, **options)
         np.testing.assert_array_equal(mine.sequences, ref.sequences.numpy())
+        assert mine["sequences"] is mine.sequences  # keys and attributes, as HF's output
         assert len(mine.scores) == len(ref.scores) == len(mine.logits) == len(ref.logits) == 3
         for ours_logits, hf_logits in zip(mine.logits, ref.logits):
             assert rel_err(ours_logits, hf_logits.numpy()) < 1e-4
@@ -95,14 +96,16 @@ def test_stop_strings_equal_hf(pair):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     inputs = case_inputs("mixed_left_padded_batch")
     seq = inputs["input_ids"].shape[1]
-    free = ours.generate(**inputs, max_new_tokens=10, eos_token_id=[])
+    free = ours.generate(**inputs, max_new_tokens=8, eos_token_id=[])
     text = tokenizer.decode(free[0, seq:])
     stop = text[len(text) // 3:len(text) // 3 + 2]
     assert stop.strip(), text
-    options = dict(max_new_tokens=10, do_sample=False, stop_strings=stop, tokenizer=tokenizer)
+    options = dict(max_new_tokens=8, do_sample=False, stop_strings=stop, tokenizer=tokenizer)
     mine = ours.generate(**inputs, **options)
     np.testing.assert_array_equal(mine, hf_generate(hf, inputs, **options).numpy())
     assert stop in tokenizer.decode(mine[0, seq:]) and mine.shape[1] <= free.shape[1]
+    with pytest.raises(ValueError, match="stop_strings need the model's tokenizer: pass tokenizer="):
+        ours.generate(**inputs, max_new_tokens=2, stop_strings=["x"])
 
 
 def test_options_refused_by_name_or_accepted_as_hf(pair):
