@@ -292,6 +292,29 @@ def test_url_deadline_also_bounds_a_server_trickling_its_headers(monkeypatch):
         assert time.monotonic() - start < 4
 
 
+def test_url_deadline_also_bounds_the_name_lookup(monkeypatch):
+    """getaddrinfo takes no timeout; a resolver that does not answer (here: one that sleeps 30 s, in place of
+    the system's) still ends at the deadline, with the deadline's message. (Every other URL test connects through
+    the same lookup, to 127.0.0.1.)"""
+    import socket as socket_module
+
+    real = socket_module.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host == "slow.invalid":
+            time.sleep(30)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", slow)
+    monkeypatch.setenv("QWENVL_URL_DEADLINE", "1.5")
+    url = "http://slow.invalid/a.jpg"
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"could not download image from {url}: not finished within the "
+                                         r"deadline of 1.5 s \(QWENVL_URL_DEADLINE\)"):
+        fetch_image({"image": url})
+    assert time.monotonic() - start < 4
+
+
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))  # 4 rows, 0..65535
     path = tmp_path / "ramp16.png"

@@ -91,12 +91,14 @@ class _Deadline:
         self.lock = threading.Lock()
         self.connections = []
         self.expired = False
+        self.stop_at = time.monotonic() + seconds
         self.timer = threading.Timer(seconds, self._expire)
         self.timer.daemon = True
 
     def connection(self, http_class):
         def make(*args, **kwargs):
             conn = http_class(*args, **kwargs)
+            conn._create_connection = self._open_socket  # http.client's hook for making the socket
             connect = conn.connect
 
             def connect_then_check():
@@ -110,6 +112,41 @@ class _Deadline:
             return conn
 
         return make
+
+    def _open_socket(self, address, timeout=None, source_address=None, **kwargs):
+        """The connection's socket, with the host name looked up within the deadline: getaddrinfo takes no
+        timeout (a resolver that does not answer holds it for the system's retries), so it runs on a thread of
+        its own and is abandoned at the deadline."""
+        host, port = address
+        found = {}
+
+        def lookup():
+            try:
+                found["addresses"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            except OSError as error:
+                found["error"] = error
+
+        thread = threading.Thread(target=lookup, name="url-lookup", daemon=True)
+        thread.start()
+        thread.join(max(0.0, self.stop_at - time.monotonic()))
+        if thread.is_alive():
+            self.expired = True
+            raise TimeoutError(f"looking up {host!r} took longer than the deadline")
+        if "error" in found:
+            raise found["error"]
+        error = OSError(f"no address for {host!r}")
+        for family, kind, proto, _, sockaddr in found["addresses"]:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as err:
+                sock.close()
+                error = err
+        raise error
 
     def _expire(self):
         with self.lock:
