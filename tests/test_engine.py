@@ -162,7 +162,7 @@ def test_bad_requests_are_refused_before_they_are_queued(tiny_ours):
         engine.submit(**conversation, num_beams=2)
     with pytest.raises(ValueError, match="submit takes one conversation"):
         engine.submit(**case_inputs("mixed_left_padded_batch"))
-    engine.submit(**conversation, max_new_tokens=4)
+    engine.submit(**conversation, max_new_tokens=4, num_beams=1, output_attentions=False)  # HF's defaults: accepted
     engine.submit(**conversation, max_new_tokens=4)
     with pytest.raises(EngineFull, match="2 requests are waiting"):
         engine.submit(**conversation, max_new_tokens=4)
