@@ -1,12 +1,16 @@
 """The server under concurrent clients, beside HF transformers answering the same requests one at a time.
 
-    python benchmarks/serve_benchmark.py --shape overhead [--clients 1,4,8] [--requests 16] [--max_tokens 32]
+    python benchmarks/serve_benchmark.py --shape overhead [--clients 1,4,8] [--requests 16] [--max_tokens 128]
 
 One random checkpoint per shape (benchmark.py's), a seeded request set (images of 200-800 px a side, a video,
 text), `scripts/serve.py` in a subprocess on a loopback port, streamed requests from N client threads at a time.
 Per concurrency: wall time, requests/s, aggregate generated tokens/s, time to first token p50/p95. Then HF's
 `generate` on the same processor inputs, one request after another, in this process. A warm-up request (not
 timed) compiles the server's graphs first. Needs the test extra (openai client side: httpx).
+
+Answers are 128 tokens at most by default, the scripts' default answer length (cli_args.DEFAULT_MAX_NEW_TOKENS):
+the random weights never stop early, so every request generates all of them. With short answers (--max_tokens
+32) the prefills, which run one after another, are most of the time at any concurrency (docs/benchmarks.md).
 """
 import argparse
 import json
@@ -160,7 +164,7 @@ def main(argv=None):
     p.add_argument("--shape", choices=sorted(benchmark.SHAPES), default="overhead")
     p.add_argument("--clients", default="1,4,8")
     p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--max_tokens", type=int, default=32)
+    p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--max_batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_hf", action="store_true")

@@ -89,6 +89,23 @@ class Request:
         return list(self.tokens), self.text, self.finish_reason
 
 
+class _Call:
+    """A call of the model's generate/forward handed to the engine's thread by another thread."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = threading.Event()
+        self.ran, self.result, self.error = False, None, None
+
+    def run(self):
+        try:
+            self.result, self.ran = self.fn(), True
+        except Exception as error:  # the caller's, raised on its thread
+            self.error = error
+        finally:
+            self.done.set()
+
+
 class _Slot:
     """What the engine keeps for a request while it holds a slot."""
 
@@ -228,6 +245,7 @@ class Engine:
         self.runner = self.worker.runner
         self.slots = [None] * self.max_batch
         self.waiting = collections.deque()
+        self.calls = collections.deque()  # _Call: generate/forward from other threads, run between steps
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = None
@@ -235,10 +253,35 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ callers
     def start(self):
+        """Start the loop. From then until it stops, the model's generate() and forward() called from any
+        thread run on the engine's thread between its steps (modeling_qwen2_vl.serialized)."""
         if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="mindone-qwen2vl-engine", daemon=True)
+            with self.model.lock:
+                other = self.model.engine
+                if other is not None and other is not self and other.running():
+                    raise RuntimeError("this model is already served by another engine: stop it first")
+                self.thread = threading.Thread(target=self._loop, name="mindone-qwen2vl-engine", daemon=True)
+                object.__setattr__(self.model, "engine", self)
             self.thread.start()
         return self
+
+    def running(self):
+        return self.thread is not None and self.thread.is_alive() and not self.stopping
+
+    def call(self, fn):
+        """fn() run on the engine's thread before its next step -> (True, its result), its exception raised
+        here; (False, None) if the engine stopped before running it (the caller then runs it itself). Such a
+        call holds the engine for its whole length: the requests being served wait, as they would for a lock."""
+        call = _Call(fn)
+        with self.cond:
+            if self.stopping or self.thread is None or not self.thread.is_alive():
+                return False, None
+            self.calls.append(call)
+            self.cond.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.ran, call.result
 
     def stop(self, timeout=None):
         """Stop the loop; requests still running or waiting end with an EngineStopped error."""
@@ -297,9 +340,11 @@ class Engine:
         try:
             while True:
                 with self.cond:
-                    self.cond.wait_for(lambda: self.stopping or self.waiting or any(self.slots))
+                    self.cond.wait_for(lambda: self.stopping or self.calls or self.waiting or any(self.slots))
                     if self.stopping:
                         break
+                    calls = list(self.calls)
+                    self.calls.clear()
                     admitted = []
                     while self.waiting and None in self.slots:
                         request = self.waiting.popleft()
@@ -309,6 +354,9 @@ class Engine:
                         slot = self.slots.index(None)
                         self.slots[slot] = request  # reserved; its state comes with the prefill
                         admitted.append((slot, request))
+                for call in calls:
+                    call.run()
+                    self.counters["calls"] += 1
                 for slot, request in admitted:
                     self._run(slot, request, self._prefill)
                 if any(isinstance(s, _Slot) for s in self.slots):
@@ -316,9 +364,16 @@ class Engine:
         finally:
             self.worker.close()
             with self.cond:
+                self.stopping = True
+                if self.model.engine is self:
+                    object.__setattr__(self.model, "engine", None)
                 pending = list(self.waiting) + [s.request if isinstance(s, _Slot) else s for s in self.slots if s]
                 self.waiting.clear()
                 self.slots = [None] * self.max_batch
+                calls = list(self.calls)
+                self.calls.clear()
+            for call in calls:  # not run: their callers run them (call() returns ran=False)
+                call.done.set()
             for request in pending:
                 request._put(("error", EngineStopped("the engine stopped before the request finished")))
 

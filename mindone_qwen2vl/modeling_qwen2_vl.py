@@ -25,10 +25,17 @@ from .precision import PrecisionPolicy, resolve_policy
 def serialized(method):
     """Calls of `method` on one model run one at a time, from any threads: MindSpore's runtime is not safe for
     two threads running one model's graphs at once (in pynative mode that gave wrong answers, "pointer[runtime_info]
-    is null" errors and crashes)."""
+    is null" errors and crashes). While an engine serves the model (engine.Engine), the call is handed to the
+    engine's thread and runs there between two of its steps; otherwise it runs on the caller's thread under the
+    model's lock."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        engine = self.engine
+        if engine is not None and threading.current_thread() is not engine.thread:
+            ran, result = engine.call(functools.partial(method, self, *args, **kwargs))
+            if ran:
+                return result
         with self.lock:
             return method(self, *args, **kwargs)
 
@@ -86,6 +93,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.generation_config = {}  # its generation_config.json, read once at load
         self.tensor_parallel = None  # (rank, size) when sharded over an msrun job (parallel.shard_model)
         self.lock = threading.RLock()  # see `serialized`
+        object.__setattr__(self, "engine", None)  # the engine.Engine serving this model, while one runs
         object.__setattr__(self, "head", HeadStep(self))
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
 

@@ -200,3 +200,47 @@ def test_streamed_text_is_the_decoded_text_token_by_token(tokenizer):
         assert "".join(sent) == expected == request.text
         assert stopped == bool(stop)
         assert state.anchor > 0  # it decoded incrementally: the settled prefix moved on
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_generate_runs_on_the_engine_thread_beside_its_requests(tiny_ours, mode):
+    """While an engine serves the model, generate() from other threads is handed to the engine's thread (between
+    its steps) and gives the tokens of a sequential call, as do the requests submitted beside it; once the engine
+    stops, generate() runs on the caller's thread again."""
+    from mindone_qwen2vl.engine import Engine
+
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        cases = rows()[:3]
+        expected = [alone(tiny_ours, c, 3) for c in cases]
+        engine = Engine(tiny_ours, max_batch=2, max_len=256).start()
+        assert tiny_ours.engine is engine
+        with pytest.raises(RuntimeError, match="already served by another engine"):
+            Engine(tiny_ours, max_batch=1, max_len=64).start()
+        try:
+            results, errors, threads = {}, [], []
+
+            def work(i, case):
+                try:
+                    results["generate", i] = alone(tiny_ours, case, 3)
+                except BaseException as error:  # reported below
+                    errors.append(repr(error))
+
+            threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(cases)]
+            for t in threads:
+                t.start()
+            submitted = [engine.submit(**c, max_new_tokens=3, eos_token_id=[]) for c in cases]
+            for t in threads:
+                t.join(timeout=600)
+            assert not errors, errors
+            for i, request in enumerate(submitted):
+                assert request.result(600)[0] == expected[i]
+                assert results["generate", i] == expected[i]
+            assert engine.stats()["calls"] == len(cases)
+        finally:
+            engine.stop()
+        assert tiny_ours.engine is None
+        assert alone(tiny_ours, cases[0], 3) == expected[0]
+        assert engine.stats()["calls"] == len(cases)  # that last call ran on the caller's thread
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
