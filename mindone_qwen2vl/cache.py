@@ -48,18 +48,36 @@ class LayerKVCache(nn.Cell):
 class LayerKVView(nn.Cell):
     """The first `length` positions of a layer's cache, for a decode step whose rows all sit below `length`:
     attention then reads `length` positions per row instead of all of them. The rows attended are the step's
-    first rows (as many as its inputs have)."""
+    first rows: one, or all of them.
+
+    The view gathers its storage rows from the [B * KVH * L, D] Parameter. Reshaping that Parameter to
+    [B, KVH, L, D] first (as LayerKVCache.update does) copies all of it on the CPU backend: at the 2B widths
+    (8 rows x 4096 positions, 33.5 MB a tensor) 5.1 ms against 0.8 ms for the gather of one row's 512 positions,
+    per key and per value of every layer."""
 
     def __init__(self, layer: LayerKVCache, length):
         super().__init__(auto_prefix=False)
         object.__setattr__(self, "base", layer)  # not a sub-cell: the parameters stay the layer's
         self.length = length
-        self.slice = ops.Slice()
+        batch, kv_heads, max_len, head_dim = layer.shape
+        self.one_row = Tensor(self.storage_rows(1, kv_heads, max_len, length))
+        self.all_rows = Tensor(self.storage_rows(batch, kv_heads, max_len, length))
+        self.gather = ops.Gather()
+
+    @staticmethod
+    def storage_rows(rows, kv_heads, max_len, length):
+        """Storage rows of positions 0..length-1 of the first `rows` batch rows, in [rows, KVH, length] order."""
+        starts = np.arange(rows * kv_heads, dtype=np.int64)[:, None] * max_len
+        return (starts + np.arange(length)[None, :]).reshape(-1).astype(np.int32)
 
     def update(self, key, value, rows):
-        k, v = self.base.update(key, value, rows)
-        extent = (key.shape[0], -1, self.length, -1)
-        return self.slice(k, (0, 0, 0, 0), extent), self.slice(v, (0, 0, 0, 0), extent)
+        written = self.base.write(key, value, rows)
+        n, kv_heads, d = key.shape
+        index = self.one_row if n == 1 else self.all_rows  # n is a constant of the compiled step
+        shape = (n, kv_heads, self.length, d)
+        k = self.gather(ops.depend(self.base.key, written), index, 0).reshape(shape)
+        v = self.gather(ops.depend(self.base.value, written), index, 0).reshape(shape)
+        return k, v
 
 
 class CacheView(nn.Cell):
