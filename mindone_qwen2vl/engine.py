@@ -26,7 +26,7 @@ import threading
 import numpy as np
 from mindspore import Tensor
 
-from .generation import DecodeOneToken, Runner, TokenChooser, _asks_nothing, batch_rows, resolve_options
+from .generation import DecodeOneToken, Runner, TimedStep, TokenChooser, _asks_nothing, batch_rows, resolve_options
 from .inputs import check_inputs, check_second_per_grid_ts
 
 DEFAULT_MAX_LEN = 4096
@@ -121,10 +121,11 @@ class _Slot:
 
 
 PREFILL, DECODE, STOP = 1, 2, 3
-# A decode step attends over the first VIEW_LENGTH positions of the cache while every busy row sits below it, and
-# runs one row when only the first slot is busy: measured at the 2b-slice shape (graph mode, AMD EPYC), a step
-# of 8 rows over 4096 positions took 139.9 ms, 8 x 512 101.9 ms, 1 x 4096 92.8 ms, 1 x 256 78.5 ms. At most four
-# decode graphs: (1 or all rows) x (VIEW_LENGTH or all positions).
+# A decode step attends over the first `length` positions of the cache, the shortest of VIEW_LENGTH, 2 x VIEW_LENGTH,
+# 4 x ... and the whole cache that holds every busy row, and runs one row when only the first slot is busy.
+# Measured at the 2b-slice shape (graph mode, AMD EPYC, 2 cores), a step of 8 rows over 4096 positions took
+# 133-141 ms, 8 x 2048 119 ms, 8 x 1024 103 ms, 8 x 512 103 ms; one row 79-83 ms at any length. A view's graph is
+# compiled when renting a longer one has cost as much as its compilation (Worker.decode_shape).
 VIEW_LENGTH = 512
 
 
@@ -134,13 +135,32 @@ class Worker:
     def __init__(self, model, rows, max_len):
         self.model = model
         self.runner = Runner(model, rows, max_len)
+        self.lengths = [n for n in (VIEW_LENGTH * 2 ** k for k in range(32)) if n < max_len] + [max_len]
         self.views = {}  # length -> DecodeOneToken over the cache's first rows and first `length` positions
+        self.steps = {(rows, max_len): self.runner}  # (rows, length) -> TimedStep, once called
+        self.rented = collections.Counter()  # (rows, length) not compiled: steps run for it in a longer view
 
     def decode_shape(self, busy, positions):
-        """(rows, length) of the decode step for the busy slots (indices) at their cache positions."""
+        """(rows, length) of the decode step for the busy slots (indices) at their cache positions: the shortest
+        view that holds them, or, while its graph is not compiled, the shortest compiled one that does, until
+        the steps run that way add up to what that one's compilation cost (ski rental: at most twice the best
+        choice made in hindsight)."""
         rows = 1 if max(busy) == 0 else self.runner.rows
-        short = VIEW_LENGTH < self.runner.length and max(positions) < VIEW_LENGTH
-        return rows, VIEW_LENGTH if short else self.runner.length
+        fits = [n for n in self.lengths if n > max(positions)]
+        want = (rows, fits[0])
+        if self.compiled(want):
+            return want
+        longer = [(rows, n) for n in fits[1:] if self.compiled((rows, n))]
+        if longer:
+            budget = self.steps[longer[0]].steps_per_compilation()
+            if budget is not None and self.rented[want] < budget:
+                self.rented[want] += 1
+                return longer[0]
+        return want
+
+    def compiled(self, key):
+        step = self.steps.get(key)
+        return step is not None and step.first_call_s is not None
 
     def decode_graphs(self):
         """Compiled decode graphs, every view counted."""
@@ -166,12 +186,13 @@ class Worker:
         [rows, V]."""
         args = (Tensor(tokens.astype(np.int32)), Tensor(position.astype(np.int32)),
                 Tensor((position + delta).astype(np.int32)))
+        key = (len(tokens), length)
         with self.model.lock:
-            if length == self.runner.length and len(tokens) == self.runner.rows:
-                return self.runner.step(*args)
-            if length not in self.views:
-                self.views[length] = DecodeOneToken(self.model, self.runner.cache.view(length))
-            return self.views[length](*args).asnumpy()
+            if key not in self.steps:
+                if length not in self.views:
+                    self.views[length] = DecodeOneToken(self.model, self.runner.cache.view(length))
+                self.steps[key] = TimedStep(self.views[length])
+            return self.steps[key].step(*args)
 
     def close(self):
         pass

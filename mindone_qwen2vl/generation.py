@@ -273,16 +273,14 @@ class DecodeOneToken(Step):
         return self.lm_head(hidden).astype(ms.float32)
 
 
-class Runner:
-    """A KV cache of `rows` x `length`, the decode step over it, and what the step costs (measured)."""
+class TimedStep:
+    """A decode step (DecodeOneToken) called with inputs of one shape, and what it costs (measured): its first call
+    (compilation in GRAPH_MODE, and one step) and its later steps. Several can share one step cell, one per input
+    shape it is called with."""
 
-    def __init__(self, model, rows, length):
-        self.rows, self.length = rows, length
-        self.cache = StaticCache(model.config.text_config, rows, length, model.policy.cache_dtype,
-                                 kv_heads=model.model.layers[0].self_attn.num_kv_heads,
-                                 input_dtype=model.policy.compute_dtype)
-        self.decode = DecodeOneToken(model, self.cache)
-        self.first_call_s = None  # the first decode call: compilation (GRAPH_MODE) and one step
+    def __init__(self, decode):
+        self.decode = decode
+        self.first_call_s = None  # the first call: compilation (GRAPH_MODE) and one step
         self.step_s = None  # later calls, a running average
 
     def step(self, *args):
@@ -299,10 +297,21 @@ class Runner:
         return logits
 
     def steps_per_compilation(self):
-        """How many of this runner's steps a compilation costs; None until both are measured."""
+        """How many of these steps a compilation costs; None until both are measured."""
         if self.first_call_s is None or self.step_s is None:
             return None
         return max(0.0, self.first_call_s - self.step_s) / self.step_s
+
+
+class Runner(TimedStep):
+    """A KV cache of `rows` x `length`, the decode step over it, and what the step costs (measured)."""
+
+    def __init__(self, model, rows, length):
+        self.rows, self.length = rows, length
+        self.cache = StaticCache(model.config.text_config, rows, length, model.policy.cache_dtype,
+                                 kv_heads=model.model.layers[0].self_attn.num_kv_heads,
+                                 input_dtype=model.policy.compute_dtype)
+        super().__init__(DecodeOneToken(model, self.cache))
 
 
 class Runners:

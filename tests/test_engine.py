@@ -91,6 +91,40 @@ def test_decode_views_of_the_cache_give_the_same_tokens(tiny_ours, graph_mode):
         engine.stop()
 
 
+def test_views_double_and_are_bought_after_renting_what_they_cost(tiny_ours, graph_mode):
+    """Views double from VIEW_LENGTH up to the whole cache: a request beyond VIEW_LENGTH alone compiles the view
+    that holds it, not the whole cache. A short request after it runs in that compiled longer view (renting)
+    while the steps rented cost less than a compilation, then the short view is compiled; every request gets
+    generate()'s tokens."""
+    from mindone_qwen2vl import engine as engine_module
+    from mindone_qwen2vl.engine import Engine
+
+    length = engine_module.VIEW_LENGTH
+    rng = np.random.default_rng(6)
+    long = dict(input_ids=rng.integers(1000, 5000, (1, length + 100)))  # positions 612.. : the 1024 view
+    short = rows()[2]  # text only
+    n = 6
+    expected = [alone(tiny_ours, c, n) for c in (long, short)]
+    engine = Engine(tiny_ours, max_batch=2, max_len=4 * length).start()
+    worker = engine.worker
+    try:
+        assert worker.lengths == [length, 2 * length, 4 * length]
+        assert engine.submit(**long, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[0]
+        assert sorted(worker.views) == [2 * length]
+        # Renting: the compiled 1024 view runs the short request; its compilation cost far more than 5 steps.
+        assert worker.steps[1, 2 * length].steps_per_compilation() > n
+        assert engine.submit(**short, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[1]
+        assert sorted(worker.views) == [2 * length] and worker.rented[1, length] == n - 1
+        # As if compiling had cost 3 steps: the next short request buys the 512 view after renting 3 steps.
+        rented = worker.steps[1, 2 * length]
+        rented.first_call_s = 4 * rented.step_s
+        assert engine.submit(**short, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[1]
+        assert sorted(worker.views) == [length, 2 * length] and worker.compiled((1, length))
+        assert engine.worker.decode_graphs() == 2
+    finally:
+        engine.stop()
+
+
 def test_threads_submit_and_get_their_answers(tiny_ours, graph_mode):
     from mindone_qwen2vl.engine import Engine
 
