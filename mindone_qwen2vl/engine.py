@@ -124,8 +124,9 @@ PREFILL, DECODE, STOP = 1, 2, 3
 # A decode step attends over the first `length` positions of the cache, the shortest of VIEW_LENGTH, 2 x VIEW_LENGTH,
 # 4 x ... and the whole cache that holds every busy row, and runs one row when only the first slot is busy.
 # Measured at the 2b-slice shape (graph mode, AMD EPYC, 2 cores), a step of 8 rows over 4096 positions took
-# 133-141 ms, 8 x 2048 119 ms, 8 x 1024 103 ms, 8 x 512 103 ms; one row 79-83 ms at any length. A view's graph is
-# compiled when renting a longer one has cost as much as its compilation (Worker.decode_shape).
+# 133-141 ms, 8 x 2048 119 ms, 8 x 1024 103 ms, 8 x 512 103 ms; one row 79-83 ms at any length (so one row has the
+# first and the whole length only). A view's graph is compiled when renting a longer one has cost as much as its
+# compilation (Worker.decode_shape).
 VIEW_LENGTH = 512
 
 
@@ -146,7 +147,9 @@ class Worker:
         the steps run that way add up to what that one's compilation cost (ski rental: at most twice the best
         choice made in hindsight)."""
         rows = 1 if max(busy) == 0 else self.runner.rows
-        fits = [n for n in self.lengths if n > max(positions)]
+        # One row costs about the same at any length (it reads one row's positions), so it has two views only.
+        lengths = self.lengths if rows > 1 else sorted({self.lengths[0], self.lengths[-1]})
+        fits = [n for n in lengths if n > max(positions)]
         want = (rows, fits[0])
         if self.compiled(want):
             return want

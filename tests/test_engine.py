@@ -92,10 +92,11 @@ def test_decode_views_of_the_cache_give_the_same_tokens(tiny_ours, graph_mode):
 
 
 def test_views_double_and_are_bought_after_renting_what_they_cost(tiny_ours, graph_mode):
-    """Views double from VIEW_LENGTH up to the whole cache: a request beyond VIEW_LENGTH alone compiles the view
-    that holds it, not the whole cache. A short request after it runs in that compiled longer view (renting)
-    while the steps rented cost less than a compilation, then the short view is compiled; every request gets
-    generate()'s tokens."""
+    """Views of all rows double from VIEW_LENGTH up to the whole cache (one row has VIEW_LENGTH and the whole
+    cache only): a request beyond VIEW_LENGTH beside another compiles the view that holds them, not the whole
+    cache. Then a short request alone runs in the compiled whole-cache one-row view (renting) while the steps
+    rented cost less than a compilation, and the short view is compiled after; every request gets generate()'s
+    tokens."""
     from mindone_qwen2vl import engine as engine_module
     from mindone_qwen2vl.engine import Engine
 
@@ -109,18 +110,24 @@ def test_views_double_and_are_bought_after_renting_what_they_cost(tiny_ours, gra
     worker = engine.worker
     try:
         assert worker.lengths == [length, 2 * length, 4 * length]
+        # Alone: one row, past 512 positions: the whole cache's one-row view.
         assert engine.submit(**long, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[0]
-        assert sorted(worker.views) == [2 * length]
-        # Renting: the compiled 1024 view runs the short request; its compilation cost far more than 5 steps.
-        assert worker.steps[1, 2 * length].steps_per_compilation() > n
+        assert sorted(worker.views) == [4 * length]
+        # Two rows, one past 512: the 1024 view of all rows, not the whole cache.
+        both = [engine.submit(**c, max_new_tokens=n, eos_token_id=[]) for c in (long, short)]
+        assert [r.result(300)[0] for r in both] == expected
+        assert sorted(worker.views) == [2 * length, 4 * length] and not worker.compiled((2, 4 * length))
+        # Renting: the compiled one-row view of the whole cache runs a short request alone; its compilation
+        # cost far more than 5 steps.
+        assert worker.steps[1, 4 * length].steps_per_compilation() > n
         assert engine.submit(**short, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[1]
-        assert sorted(worker.views) == [2 * length] and worker.rented[1, length] == n - 1
-        # As if compiling had cost 3 steps: the next short request buys the 512 view after renting 3 steps.
-        rented = worker.steps[1, 2 * length]
+        assert not worker.compiled((1, length)) and worker.rented[1, length] == n - 1
+        # As if compiling had cost 3 steps: the next short request buys the one-row 512 view.
+        rented = worker.steps[1, 4 * length]
         rented.first_call_s = 4 * rented.step_s
         assert engine.submit(**short, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[1]
-        assert sorted(worker.views) == [length, 2 * length] and worker.compiled((1, length))
-        assert engine.worker.decode_graphs() == 2
+        assert worker.compiled((1, length)) and sorted(worker.views) == [length, 2 * length, 4 * length]
+        assert engine.worker.decode_graphs() == 3
     finally:
         engine.stop()
 
