@@ -4,6 +4,7 @@ import contextlib
 import functools
 import http.server
 import os
+import re
 import shutil
 import socket
 import struct
@@ -278,18 +279,22 @@ def test_url_downloads_have_a_deadline_a_size_limit_and_a_read_timeout(monkeypat
             fetch_image({"image": url})
 
 
+def assert_ends_at_the_deadline(url, after=""):
+    """fetch_image(url) under QWENVL_URL_DEADLINE=1.5 fails with the deadline's message within 4 s."""
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"could not download image from {re.escape(url)}: not finished within "
+                                         rf"the deadline of 1.5 s \(QWENVL_URL_DEADLINE\){re.escape(after)}"):
+        fetch_image({"image": url})
+    assert time.monotonic() - start < 4
+
+
 def test_url_deadline_also_bounds_a_server_trickling_its_headers(monkeypatch):
     """Headers arrive inside urlopen, where each byte within QWENVL_URL_TIMEOUT restarts the read's timeout: the
     deadline still ends the download on time (the server alone would take 60 s)."""
     monkeypatch.setenv("QWENVL_URL_DEADLINE", "1.5")
     monkeypatch.setenv("QWENVL_URL_TIMEOUT", "5")
     with trickle_server() as base:
-        url = f"{base}/headers.jpg"
-        start = time.monotonic()
-        with pytest.raises(ValueError, match=rf"could not download image from {url}: not finished within the "
-                                             r"deadline of 1.5 s \(QWENVL_URL_DEADLINE\), after 0 bytes"):
-            fetch_image({"image": url})
-        assert time.monotonic() - start < 4
+        assert_ends_at_the_deadline(f"{base}/headers.jpg", ", after 0 bytes")
 
 
 def test_url_deadline_also_bounds_the_name_lookup(monkeypatch):
@@ -307,12 +312,7 @@ def test_url_deadline_also_bounds_the_name_lookup(monkeypatch):
 
     monkeypatch.setattr(socket_module, "getaddrinfo", slow)
     monkeypatch.setenv("QWENVL_URL_DEADLINE", "1.5")
-    url = "http://slow.invalid/a.jpg"
-    start = time.monotonic()
-    with pytest.raises(ValueError, match=rf"could not download image from {url}: not finished within the "
-                                         r"deadline of 1.5 s \(QWENVL_URL_DEADLINE\)"):
-        fetch_image({"image": url})
-    assert time.monotonic() - start < 4
+    assert_ends_at_the_deadline("http://slow.invalid/a.jpg")
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
