@@ -18,6 +18,14 @@ from .attention import MASK_MIN
 from .graphs import Step, dynamic
 
 
+def decode_mask(key_positions, cache_position):
+    """Additive float32 mask [B, 1, 1, L] over key_positions [1, 1, L] for one query per row at cache_position [B]
+    (int32): a row sees its positions up to its own. A row's sequence starts at position 0 of its cache row, with
+    no padding, so what lies beyond its position is all it must not see."""
+    hidden = key_positions > cache_position.reshape(-1, 1, 1)  # [B, 1, L]
+    return (hidden.astype(ms.float32) * MASK_MIN).reshape(hidden.shape[0], 1, 1, hidden.shape[2])
+
+
 class LayerKVCache(nn.Cell):
     """Keys and values of one decoder layer for `batch` rows of up to `max_len` positions."""
 
@@ -98,8 +106,7 @@ class CacheView(nn.Cell):
         return base + cache_position.reshape(-1, 1)
 
     def attention_mask(self, cache_position):
-        hidden = self.key_positions > cache_position.reshape(-1, 1, 1)
-        return (hidden.astype(ms.float32) * MASK_MIN).reshape(cache_position.shape[0], 1, 1, self.length)
+        return decode_mask(self.key_positions, cache_position)
 
 
 class StaticCache(nn.Cell):
@@ -139,11 +146,7 @@ class StaticCache(nn.Cell):
         return self.row_base + cache_position.reshape(-1, 1)
 
     def attention_mask(self, cache_position):
-        """Additive float32 mask [B, 1, 1, L] for one query per row at cache_position [B] (int32): a row sees
-        its positions up to its own. A row's sequence starts at position 0 of its cache row, with no padding,
-        so what lies beyond its position is all it must not see."""
-        hidden = self.key_positions > cache_position.reshape(-1, 1, 1)  # [B, 1, L]
-        return (hidden.astype(ms.float32) * MASK_MIN).reshape(self.batch, 1, 1, self.max_len)
+        return decode_mask(self.key_positions, cache_position)
 
     def view(self, length):
         """This cache as a decode step over its first rows (as many as the step's inputs) and its first `length`

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 from mindspore import Tensor
 
-from .generation import DecodeOneToken, Runner, TimedStep, TokenChooser, _asks_nothing, batch_rows, resolve_options
+from .generation import DecodeOneToken, Runner, TimedStep, TokenChooser, asks_nothing, batch_rows, resolve_options
 from .inputs import check_inputs, check_second_per_grid_ts
 
 DEFAULT_MAX_LEN = 4096
@@ -329,7 +329,7 @@ class Engine:
             raise ValueError(f"submit takes one conversation, got a batch of {ids.shape[0]}")
         if not mask.all():
             ids = ids[:, mask[0] == 1]
-        options = {k: v for k, v in options.items() if not _asks_nothing(k, v)}  # HF's defaults, e.g. num_beams=1
+        options = {k: v for k, v in options.items() if not asks_nothing(k, v)}  # HF's defaults, e.g. num_beams=1
         unknown = set(options) - {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                                   "repetition_penalty", "eos_token_id"}
         if unknown:

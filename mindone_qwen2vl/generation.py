@@ -377,7 +377,7 @@ class GenerateOutput(dict):
 NOTHING_ASKED = {"num_beams": 1, "num_beam_groups": 1, "output_attentions": False, "output_hidden_states": False}
 
 
-def _asks_nothing(name, value):
+def asks_nothing(name, value):
     if name not in NOTHING_ASKED:
         return False
     if value is None:
@@ -432,7 +432,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     `processor.batch_decode` work as with HF).
     """
     unsupported = [f"{k}={v!r}" if k in NOTHING_ASKED else k for k, v in sorted(unknown.items())
-                   if not _asks_nothing(k, v)]
+                   if not asks_nothing(k, v)]
     if unsupported:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(unsupported)} (greedy search and "
                         "sampling only: no beam search, no attentions or hidden states in the output)")

@@ -168,7 +168,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         # One tower call for images and videos together: attention is per frame, so nothing mixes.
         pixels = np.concatenate([to_numpy(p, np.float32) for _, p, _ in items])
         grid = np.concatenate([g for _, _, g in items])
-        features = self.get_vision_features(pixels, grid).astype(embeds.dtype)
+        # self.visual, not get_vision_features: callers checked these inputs already (inputs.check_inputs).
+        features = self.visual(pixels, grid).astype(embeds.dtype)
         # masked_scatter as one gather: pad-token rows read the feature rows, in row-major order per kind.
         flat = ids.reshape(-1)
         index = np.arange(flat.size, dtype=np.int32)

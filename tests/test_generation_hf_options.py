@@ -37,18 +37,19 @@ def count_calls(monkeypatch, model):
     """Counts the vision tower's calls (with the number of images and videos each got) and the prompt rows
     computed."""
     seen = {"vision": [], "prompt_rows": 0}
-    vision, prompt_rows = model.get_vision_features, model.prompt_rows
+    tower = type(model.visual)
+    vision, prompt_rows = tower.__call__, model.prompt_rows
 
-    def counted_vision(pixels, grid):
+    def counted_vision(self, pixels, grid):
         seen["vision"].append(len(np.asarray(grid).reshape(-1, 3)))
-        return vision(pixels, grid)
+        return vision(self, pixels, grid)
 
     def counted_rows(*args, **kwargs):
         for item in prompt_rows(*args, **kwargs):
             seen["prompt_rows"] += 1
             yield item
 
-    monkeypatch.setattr(model, "get_vision_features", counted_vision, raising=False)
+    monkeypatch.setattr(tower, "__call__", counted_vision)
     monkeypatch.setattr(model, "prompt_rows", counted_rows, raising=False)
     return seen
 

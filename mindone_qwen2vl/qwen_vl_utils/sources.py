@@ -181,7 +181,6 @@ def read_url(url: str, kind: str) -> bytes:
     """The body of ``url`` within the download limits; any failure (HTTP status, refused connection, timeout,
     deadline, size) is a DownloadError (a ValueError) naming the URL and, for a limit, its variable."""
     limits = download_limits()
-    stop_at = time.monotonic() + limits.deadline
 
     def fail(reason):
         return DownloadError(f"could not download {kind} from {url}: {reason}")
@@ -203,7 +202,7 @@ def read_url(url: str, kind: str) -> bytes:
             sock = _socket(response)
             chunks = []
             while True:
-                left = stop_at - time.monotonic()
+                left = deadline.stop_at - time.monotonic()
                 if left <= 0:
                     raise late(size)
                 deadline_wait = left <= limits.timeout
