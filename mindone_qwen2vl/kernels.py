@@ -90,10 +90,8 @@ class PortableKernels:
         return (h * broadcast(scale, h) * broadcast(weight, h)).astype(x.dtype)
 
     @staticmethod
-    def swiglu(gate_up):
-        """silu(gate) * up for gate_up [T, 2 * I] = [gate, up]."""
-        half = gate_up.shape[1] // 2
-        gate, up = split(gate_up, (half, half), 1, 2)
+    def swiglu(gate, up):
+        """silu(gate) * up."""
         return PortableKernels.silu(gate) * up
 
 
@@ -105,8 +103,8 @@ class AscendKernels(PortableKernels):
         return ops.rms_norm(x.astype(ms.float32), weight, eps)[0].astype(x.dtype)
 
     @staticmethod
-    def swiglu(gate_up):
-        return ops.swiglu(gate_up, 1)  # documents bfloat16 on Ascend
+    def swiglu(gate, up):
+        return ops.swiglu(ops.cat((gate, up), 1), 1)  # documents bfloat16 on Ascend; takes [gate, up] as one
 
 
 def kernels_for(policy):

@@ -62,32 +62,6 @@ class Linear(nn.Cell):
         return self.matmul(x, weight)
 
 
-class PackedLinear(Linear):
-    """Several Linears of the checkpoint (q/k/v, gate/up) held as one [sum of rows, in] weight: one matmul
-    and one bias add instead of one each per projection. A decode step is bound by the number of kernels it
-    launches (about 10 us each on the CPU backend, whatever their size), and a single wider matmul reads the
-    same bytes.
-
-    parts: [(checkpoint Linear name, (start, stop) of its output rows held here, its whole out_features)];
-    (0, whole) unless a tensor-parallel rank holds a slice. Loading fills the rows from the checkpoint's own
-    tensors (loading.parameter_pieces), which keep their names.
-    """
-
-    def __init__(self, in_features, parts, bias=True, dtype=ms.float32):
-        self.parts = [(name, tuple(span), whole) for name, span, whole in parts]
-        self.sizes = tuple(stop - start for _, (start, stop), _ in self.parts)
-        super().__init__(in_features, sum(self.sizes), bias=bias, dtype=dtype)
-
-    def checkpoint_pieces(self):
-        prefix = self.weight.name.rsplit(".", 2)[0]  # "model.layers.0.self_attn" of "...qkv_proj.weight"
-        pieces = {self.weight.name: [(f"{prefix}.{name}.weight", 0, start, stop, (whole, self.in_features))
-                                     for name, (start, stop), whole in self.parts]}
-        if self.bias is not None:
-            pieces[self.bias.name] = [(f"{prefix}.{name}.bias", 0, start, stop, (whole,))
-                                      for name, (start, stop), whole in self.parts]
-        return pieces
-
-
 class LayerNorm(nn.Cell):
     """LayerNorm computed in float32 (fp16 LayerNorm has no CPU kernel and loses precision on Ascend)."""
 

@@ -72,15 +72,12 @@ def collect_sources(readers) -> Dict[str, Tuple[object, str]]:
     return sources
 
 
-def parameter_pieces(model) -> Dict[str, List[tuple]]:
-    """{parameter name: [(checkpoint name, axis, start, stop, whole shape), ...]}: what each parameter is made of.
-
-    A plain parameter is one whole checkpoint tensor of its own name (axis None). A packed projection
-    (layers.PackedLinear: q/k/v, gate/up) stacks the rows of several checkpoint tensors, and a tensor-parallel
-    layer (parallel.py) holds a slice: those cells say so through `checkpoint_pieces()`, and only the listed
-    bytes are read.
+def parameter_pieces(model) -> Dict[str, tuple]:
+    """{parameter name: (axis, start, stop, whole shape)}: what each parameter holds of the checkpoint tensor of
+    its own name. The whole tensor (axis None) unless a tensor-parallel layer (parallel.py) holds a slice
+    [start, stop) along `axis`; such cells say so through `checkpoint_pieces()`, and only those bytes are read.
     """
-    pieces = {p.name: [(p.name, None, None, None, tuple(p.shape))] for p in model.get_parameters()}
+    pieces = {p.name: (None, None, None, tuple(p.shape)) for p in model.get_parameters()}
     for _, cell in model.cells_and_names():
         get = getattr(cell, "checkpoint_pieces", None)
         if callable(get):
@@ -90,7 +87,7 @@ def parameter_pieces(model) -> Dict[str, List[tuple]]:
 
 def expected_tensors(pieces) -> Dict[str, tuple]:
     """{checkpoint name: whole shape} of every tensor the pieces read."""
-    return {name: tuple(shape) for parts in pieces.values() for name, _, _, _, shape in parts}
+    return {name: tuple(piece[3]) for name, piece in pieces.items()}
 
 
 def plan_load(expected: Dict[str, tuple], sources: Dict[str, Tuple[object, str]], tied: bool):
@@ -122,8 +119,8 @@ def plan_load(expected: Dict[str, tuple], sources: Dict[str, Tuple[object, str]]
     return plan
 
 
-def _read_piece(plan, piece):
-    name, axis, start, stop, _ = piece
+def _read_piece(plan, name, piece):
+    axis, start, stop, _ = piece
     reader, key = plan[name]
     return reader.get(key) if axis is None else reader.get_slice(key, axis, start, stop)
 
@@ -131,7 +128,7 @@ def _read_piece(plan, piece):
 def load_weights(model, folder, progress=True):
     """Stream every tensor of the checkpoint in `folder` into `model`'s parameters, one parameter at a time.
 
-    A packed parameter is filled piece by piece in place, so a load holds the parameters plus one piece.
+    A load holds the parameters plus the tensor being read.
     """
     params = {p.name: p for p in model.get_parameters()}
     pieces = parameter_pieces(model)
@@ -139,24 +136,12 @@ def load_weights(model, folder, progress=True):
     plan = plan_load(expected_tensors(pieces), collect_sources(readers), model.config.tie_word_embeddings)
 
     def position(name):  # file by file, in data order: one shard's pages are touched at a time
-        reader, key = plan[pieces[name][0][0]]
+        reader, key = plan[name]
         return readers.index(reader), reader.entries[key][2]
 
     for name in tqdm(sorted(params, key=position), desc="Loading weights", unit="tensor", disable=not progress):
-        param, parts = params[name], pieces[name]
-        if len(parts) == 1:
-            arr = _read_piece(plan, parts[0])
-        else:
-            first = _read_piece(plan, parts[0])
-            arr = np.empty(tuple(param.shape), first.dtype)
-            at = 0
-            for i, part in enumerate(parts):
-                block = first if i == 0 else _read_piece(plan, part)
-                arr[at:at + block.shape[0]] = block
-                at += block.shape[0]
-                del block
-            del first
-        param.set_data(to_tensor(arr, param.dtype))
+        param = params[name]
+        param.set_data(to_tensor(_read_piece(plan, name, pieces[name]), param.dtype))
     return model
 
 

@@ -18,13 +18,13 @@ from .attention import MASK_MIN, SCORES_BUDGET, decode_attention, flash_kernel, 
 from .config import Qwen2VLTextConfig
 from .graphs import Step, dynamic, like
 from .kernels import PortableKernels, kernels_for, rotate_half_matrix, split
-from .layers import Embedding, Linear, PackedLinear, RMSNorm, as_arguments
+from .layers import Embedding, Linear, RMSNorm, as_arguments
 from .precision import PrecisionPolicy
 
 
 class Qwen2VLRotaryEmbedding(nn.Cell):
     """Rotary tables (cos, sin) [B*S, heads + 2 * kv heads, head_dim] from 3-axis positions [3, B, S], one row per
-    head of the packed q/k/v projection.
+    head of the q, k and v projections side by side.
 
     M-RoPE gives the frequencies in `mrope_section` to the temporal, height and width positions in turn
     (e.g. 16/24/24 of the 64 frequencies of the 2B model). Selecting each frequency's position first and then
@@ -63,23 +63,21 @@ class Qwen2VLRotaryEmbedding(nn.Cell):
 
 
 class DecoderLayerWeights(NamedTuple):
-    """A layer's tensors by name. In graphs they travel as a plain tuple in this order: MindSpore's graph mode
-    treats a NamedTuple as an opaque Python object, so the code unpacks by position."""
+    """A layer's tensors by name, the checkpoint's own. In graphs they travel as a plain tuple in this order:
+    MindSpore's graph mode treats a NamedTuple as an opaque Python object, so the code unpacks by position."""
 
     input_norm: Tensor
-    qkv_weight: Tensor
-    qkv_bias: Tensor
+    q_weight: Tensor
+    q_bias: Tensor
+    k_weight: Tensor
+    k_bias: Tensor
+    v_weight: Tensor
+    v_bias: Tensor
     o_weight: Tensor
     post_norm: Tensor
-    gate_up_weight: Tensor
+    gate_weight: Tensor
+    up_weight: Tensor
     down_weight: Tensor
-
-
-def qkv_parts(heads, kv_heads, head_dim, q_span=None, kv_span=None):
-    """PackedLinear parts of q/k/v: the whole projections, or a tensor-parallel rank's spans of their rows."""
-    q_whole, kv_whole = heads * head_dim, kv_heads * head_dim
-    q_span, kv_span = q_span or (0, q_whole), kv_span or (0, kv_whole)
-    return [("q_proj", q_span, q_whole), ("k_proj", kv_span, kv_whole), ("v_proj", kv_span, kv_whole)]
 
 
 class Qwen2MLP(nn.Cell):
@@ -87,16 +85,17 @@ class Qwen2MLP(nn.Cell):
         super().__init__()
         inter = config.intermediate_size
         self.kernels = kernels
-        self.gate_up_proj = PackedLinear(config.hidden_size, [("gate_proj", (0, inter), inter),
-                                                              ("up_proj", (0, inter), inter)], bias=False, dtype=dtype)
+        self.gate_proj = Linear(config.hidden_size, inter, bias=False, dtype=dtype)
+        self.up_proj = Linear(config.hidden_size, inter, bias=False, dtype=dtype)
         self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype)
 
-    def construct(self, x, gate_up_weight, down_weight):
-        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x, gate_up_weight, None)), down_weight, None)
+    def construct(self, x, gate_weight, up_weight, down_weight):
+        gate, up = self.gate_proj(x, gate_weight, None), self.up_proj(x, up_weight, None)
+        return self.down_proj(self.kernels.swiglu(gate, up), down_weight, None)
 
 
 class Qwen2VLAttention(nn.Cell):
-    """The q/k/v and output projections (HF names; q/k/v packed) and the head layout."""
+    """The q/k/v and output projections (HF names and shapes) and the head layout."""
 
     def __init__(self, config: Qwen2VLTextConfig, policy: PrecisionPolicy):
         super().__init__()
@@ -105,8 +104,9 @@ class Qwen2VLAttention(nn.Cell):
         self.head_dim = config.head_dim
         dtype = policy.compute_dtype
         h = config.hidden_size
-        self.qkv_proj = PackedLinear(h, qkv_parts(self.num_heads, self.num_kv_heads, self.head_dim), bias=True,
-                                     dtype=dtype)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=True, dtype=dtype)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True, dtype=dtype)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False, dtype=dtype)
 
 
@@ -127,19 +127,22 @@ class Qwen2VLDecoderLayer(nn.Cell):
     def weights(self):
         """The layer's Parameters in DecoderLayerWeights' order, as a plain tuple (in a graph a NamedTuple is
         an opaque object)."""
-        return (self.input_layernorm.weight, self.self_attn.qkv_proj.weight,
-                self.self_attn.qkv_proj.bias, self.self_attn.o_proj.weight,
-                self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
-                self.mlp.down_proj.weight)
+        attn, mlp = self.self_attn, self.mlp
+        return (self.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
+                attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight,
+                self.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
     def project(self, x, cos, sin, w, heads_first=True):
         """x [T, hidden] -> q [H, T, D] (rotated, scaled), k, v [KVH, T, D] (k rotated); [T, heads, D] each with
         heads_first=False. Rotary in float32 whatever the compute dtype (the angles lose bits in fp16).
         w: DecoderLayerWeights (or a tuple)."""
-        input_norm, qkv_weight, qkv_bias = w[:3]
+        input_norm, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias = w[:7]
         attn = self.self_attn
         heads, kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        qkv = attn.qkv_proj(self.input_layernorm(x, input_norm), qkv_weight, qkv_bias).astype(ms.float32)
+        h = self.input_layernorm(x, input_norm)
+        # One [T, (heads + 2 kv) * D] tensor: the rotary below treats q, k and v in one pass.
+        qkv = ops.cat((attn.q_proj(h, q_weight, q_bias), attn.k_proj(h, k_weight, k_bias),
+                       attn.v_proj(h, v_weight, v_bias)), 1).astype(ms.float32)
         n = heads + 2 * kv
         rotated = self.matmul(qkv.reshape(-1, d), self.rotate_half).reshape(-1, n, d)
         qkv = (qkv.reshape(-1, n, d) * cos + rotated * sin).astype(x.dtype)
@@ -150,9 +153,9 @@ class Qwen2VLDecoderLayer(nn.Cell):
     def finish(self, x, attn_out, w):
         """The rest of the layer: x [T, hidden] and its attention output [T, H * D] -> [T, hidden].
         w: DecoderLayerWeights (or a tuple)."""
-        o_weight, post_norm, gate_up_weight, down_weight = w[3:]
+        o_weight, post_norm, gate_weight, up_weight, down_weight = w[7:]
         x = x + self.self_attn.o_proj(attn_out, o_weight, None)
-        return x + self.mlp(self.post_attention_layernorm(x, post_norm), gate_up_weight, down_weight)
+        return x + self.mlp(self.post_attention_layernorm(x, post_norm), gate_weight, up_weight, down_weight)
 
     def construct(self, x, cos, sin, mask, cache, cache_rows):
         """A decode step: x [B, hidden] of one position per row, whose keys and values [B, KVH, D] the cache
@@ -183,7 +186,7 @@ class DecoderProjectStep(Step):
     def specs(self):
         w = DecoderLayerWeights(*self.layer.weights())
         d = self.layer.self_attn.head_dim
-        return (dynamic((None, w.o_weight.shape[0]), w.qkv_weight.dtype), dynamic((None, self.rotary_rows(), d)),
+        return (dynamic((None, w.o_weight.shape[0]), w.q_weight.dtype), dynamic((None, self.rotary_rows(), d)),
                 dynamic((None, self.rotary_rows(), d)), *like(w))
 
     def construct(self, x, cos, sin, *weights):
@@ -210,7 +213,7 @@ class DecoderAttendStep(Step):
         attn = self.layer.self_attn
         # The KV head of each query head, for this process's heads (fewer under tensor parallelism).
         self.kv_index = Tensor(np.arange(attn.num_heads, dtype=np.int32) // (attn.num_heads // attn.num_kv_heads))
-        dtype, d = w.qkv_weight.dtype, attn.head_dim
+        dtype, d = w.q_weight.dtype, attn.head_dim
         kv = dynamic((attn.num_kv_heads, None, d), dtype)
         mask = dynamic((attn.num_heads if self.per_head_mask else 1, None, None))
         return (dynamic((None, w.o_weight.shape[0]), dtype), dynamic((attn.num_heads, None, d), dtype), kv, kv,

@@ -13,31 +13,30 @@ from mindspore import nn
 
 from .config import Qwen2_5_VLVisionConfig
 from .kernels import PortableKernels, kernels_for
-from .layers import Linear, PackedLinear, RMSNorm
+from .layers import Linear, RMSNorm
 from .modeling_vision import PatchMerger, Qwen2VisionTransformer, Qwen2VLVisionBlock
 
 
 class Qwen2_5_VLMLP(nn.Cell):
-    """down(silu(gate(x)) * up(x)), all with biases. gate and up are one packed projection (one matmul; the
-    checkpoint's gate_proj / up_proj fill its rows) so the fused swiglu kernel applies on Ascend."""
+    """down(silu(gate(x)) * up(x)), all with biases (kernels.swiglu: the fused kernel on Ascend)."""
 
     def __init__(self, config: Qwen2_5_VLVisionConfig, dtype=ms.float32, kernels=PortableKernels):
         super().__init__()
         self.kernels = kernels
         inter = config.intermediate_size
-        self.gate_up_proj = PackedLinear(config.hidden_size, [("gate_proj", (0, inter), inter),
-                                                              ("up_proj", (0, inter), inter)], bias=True, dtype=dtype)
+        self.gate_proj = Linear(config.hidden_size, inter, bias=True, dtype=dtype)
+        self.up_proj = Linear(config.hidden_size, inter, bias=True, dtype=dtype)
         self.down_proj = Linear(inter, config.hidden_size, bias=True, dtype=dtype)
 
-    def construct(self, x, gate_up_weight, gate_up_bias, down_weight, down_bias):
-        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x, gate_up_weight, gate_up_bias)), down_weight,
-                              down_bias)
+    def construct(self, x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias):
+        gate, up = self.gate_proj(x, gate_weight, gate_bias), self.up_proj(x, up_weight, up_bias)
+        return self.down_proj(self.kernels.swiglu(gate, up), down_weight, down_bias)
 
 
 class Qwen2_5_VLVisionBlock(Qwen2VLVisionBlock):
     """Qwen2-VL's block (its rotary attention, project/attend halves and compiled steps) with RMSNorms and
-    the gated MLP. Bundle order: norm1, qkv (weight, bias), proj (weight, bias), norm2, gate_up (weight,
-    bias), down (weight, bias)."""
+    the gated MLP. Bundle order: norm1, qkv (weight, bias), proj (weight, bias), norm2, gate, up and down
+    (weight, bias each)."""
 
     QKV = 1
     PROJ = 3
@@ -50,14 +49,14 @@ class Qwen2_5_VLVisionBlock(Qwen2VLVisionBlock):
     def weights(self):
         mlp = self.mlp
         return (self.norm1.weight, self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight,
-                self.attn.proj.bias, self.norm2.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                mlp.down_proj.weight, mlp.down_proj.bias)
+                self.attn.proj.bias, self.norm2.weight, mlp.gate_proj.weight, mlp.gate_proj.bias,
+                mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
 
     def pre_attention_norm(self, x, w):
         return self.norm1(x, w[0])
 
     def feed_forward(self, x, w):
-        return self.mlp(self.norm2(x, w[5]), w[6], w[7], w[8], w[9])
+        return self.mlp(self.norm2(x, w[5]), w[6], w[7], w[8], w[9], w[10], w[11])
 
 
 class Qwen2_5_VLPatchMerger(PatchMerger):

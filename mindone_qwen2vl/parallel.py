@@ -1,8 +1,7 @@
 """Tensor parallelism across the cards of one MindSpore distributed job (msrun), for models too big for one card.
 
 Layout of the decoder over N ranks (every rank runs every layer on its share of the width):
-- attention: q/k/v split by output columns (whole heads; a rank packs its q, k, v rows into one
-  projection), o_proj by input rows, then an all-reduce;
+- attention: q/k/v split by output columns (whole heads), o_proj by input rows, then an all-reduce;
   when N exceeds the KV heads, each KV head is replicated on the N / num_key_value_heads ranks that share it;
 - MLP: gate/up split by output columns, down_proj by input rows, then an all-reduce;
 - embedding: each rank holds a range of the vocabulary and looks up only its ids; an all-reduce sums the rows;
@@ -21,8 +20,7 @@ import os
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .layers import Linear, PackedLinear, new_param
-from .modeling_text import qkv_parts
+from .layers import Linear, new_param
 
 _LAUNCH_HINT = "msrun --worker_num={n} --local_worker_num={n} your_script.py ..."
 
@@ -184,7 +182,24 @@ def head_layout(text_config, rank, size):
 # ---------------------------------------------------------------------------------------------- layers
 def _piece_of(param, axis, start, stop, whole_shape):
     """loading.parameter_pieces entry: the parameter is [start, stop) along `axis` of its own checkpoint tensor."""
-    return {param.name: [(param.name, axis, start, stop, tuple(whole_shape))]}
+    return {param.name: (axis, start, stop, tuple(whole_shape))}
+
+
+class ColumnParallelLinear(Linear):
+    """Output features [start, stop) of a Linear (rows of its weight and bias): each rank computes its share of
+    the outputs, which the next layer (a RowParallelLinear) takes as its share of the input."""
+
+    def __init__(self, linear, start, stop):
+        super().__init__(linear.in_features, stop - start, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        self.span = (start, stop)
+        self.global_out = linear.out_features
+
+    def checkpoint_pieces(self):
+        start, stop = self.span
+        pieces = _piece_of(self.weight, 0, start, stop, (self.global_out, self.in_features))
+        if self.bias is not None:
+            pieces.update(_piece_of(self.bias, 0, start, stop, (self.global_out,)))
+        return pieces
 
 
 class RowParallelLinear(Linear):
@@ -291,17 +306,13 @@ def shard_model(model, rank, size):
     mlp_span = (rank * inter, (rank + 1) * inter)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        # Column-parallel: each rank's rows of q, k, v (gate, up) packed into one projection as on one process.
-        qkv = PackedLinear(attn.qkv_proj.in_features, qkv_parts(text.num_attention_heads, text.num_key_value_heads,
-                                                                d, q_span, kv_span),
-                           bias=True, dtype=attn.qkv_proj.weight.dtype)
-        _replace(attn, "qkv_proj", qkv, _names(attn.qkv_proj))
+        # Column-parallel q, k, v (this rank's heads) and gate, up; row-parallel o and down.
+        for name, span in (("q_proj", q_span), ("k_proj", kv_span), ("v_proj", kv_span)):
+            _replace(attn, name, ColumnParallelLinear(getattr(attn, name), *span), _names(getattr(attn, name)))
         _replace(attn, "o_proj", RowParallelLinear(attn.o_proj, *q_span), _names(attn.o_proj))
         attn.num_heads, attn.num_kv_heads = local_heads, local_kv
-        gate_up = PackedLinear(mlp.gate_up_proj.in_features, [("gate_proj", mlp_span, text.intermediate_size),
-                                                              ("up_proj", mlp_span, text.intermediate_size)],
-                               bias=False, dtype=mlp.gate_up_proj.weight.dtype)
-        _replace(mlp, "gate_up_proj", gate_up, _names(mlp.gate_up_proj))
+        for name in ("gate_proj", "up_proj"):
+            _replace(mlp, name, ColumnParallelLinear(getattr(mlp, name), *mlp_span), _names(getattr(mlp, name)))
         _replace(mlp, "down_proj", RowParallelLinear(mlp.down_proj, *mlp_span), _names(mlp.down_proj))
     model.model.rotary_emb.set_heads(local_heads, local_kv)
 

@@ -141,7 +141,7 @@ def test_sources_convert_and_load_to_hf_logits(small, bin_sharded_src, kind, fmt
     else:
         assert written == [f"model.{fmt}"] and not os.path.exists(index)
     ours = load(dst)
-    # canonical checkpoint names, whatever the source's scheme (packed projections keep their pieces' names)
+    # canonical checkpoint names, whatever the source's scheme
     assert set(tensors_of(dst)) == set(expected_tensors(parameter_pieces(ours)))
     assert_same_logits(ours, small, SMALL_IDS)
     if fmt == "safetensors":  # MindSpore's loader reads what we wrote ourselves

@@ -83,8 +83,7 @@ def test_bf16_checkpoint_loads_exactly(tiny_hf, tmp_path):
     assert reader.dtype(key) == "BF16"
     np.testing.assert_array_equal(reader.get(key), want)
     ours = load(tmp_path)
-    packed = ours.model.layers[0].mlp.gate_up_proj.weight.asnumpy()
-    np.testing.assert_array_equal(packed[want.shape[0]:], want)  # up_proj is the second half of gate_up_proj
+    np.testing.assert_array_equal(ours.model.layers[0].mlp.up_proj.weight.asnumpy(), want)
 
 
 def test_ckpt_written_by_mindspore_loads_exactly(tiny_hf, tmp_path):
@@ -97,23 +96,23 @@ def test_ckpt_written_by_mindspore_loads_exactly(tiny_hf, tmp_path):
     assert checkpoint_files(str(tmp_path)) == [str(tmp_path / "model.ckpt")]
     ours = load(tmp_path)
     theirs = ms.load_checkpoint(str(tmp_path / "model.ckpt"), crc_check=True)
-    pieces = parameter_pieces(ours)
-    for p in ours.get_parameters():  # a packed projection is its pieces' rows, in order
-        want = np.concatenate([theirs[name].float().asnumpy() for name, *_ in pieces[p.name]])
-        np.testing.assert_array_equal(p.float().asnumpy(), want, err_msg=p.name)
+    for p in ours.get_parameters():
+        np.testing.assert_array_equal(p.float().asnumpy(), theirs[p.name].float().asnumpy(), err_msg=p.name)
 
 
-def test_packed_projections_hold_the_checkpoint_rows(tiny_hf, tiny_ours):
-    """q/k/v and gate/up are read into one packed projection each, in that order, bit for bit."""
-    hf = tiny_hf[0].model.language_model.layers[1]
-    attn, mlp = tiny_ours.model.layers[1].self_attn, tiny_ours.model.layers[1].mlp
-    as_np = lambda t: t.detach().numpy()  # noqa: E731
-    qkv = [hf.self_attn.q_proj, hf.self_attn.k_proj, hf.self_attn.v_proj]
-    np.testing.assert_array_equal(attn.qkv_proj.weight.asnumpy(), np.concatenate([as_np(p.weight) for p in qkv]))
-    np.testing.assert_array_equal(attn.qkv_proj.bias.asnumpy(), np.concatenate([as_np(p.bias) for p in qkv]))
-    np.testing.assert_array_equal(mlp.gate_up_proj.weight.asnumpy(),
-                                  np.concatenate([as_np(hf.mlp.gate_proj.weight), as_np(hf.mlp.up_proj.weight)]))
-    assert attn.qkv_proj.weight.name == "model.layers.1.self_attn.qkv_proj.weight"
+def test_parameters_are_the_checkpoint_tensors(tiny_hf, tiny_ours):
+    """Every parameter has a checkpoint tensor's name and shape and holds it bit for bit: q/k/v and gate/up
+    are the checkpoint's own projections, not a packed form."""
+    hf = dict(tiny_hf[0].named_parameters())
+    hf = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in hf.items()}
+    hf.setdefault("lm_head.weight", tiny_hf[0].lm_head.weight)
+    ours = {p.name: p for p in tiny_ours.get_parameters()}
+    assert set(ours) <= set(hf) and "model.layers.1.self_attn.k_proj.bias" in ours
+    for name, param in ours.items():
+        want = hf[name].detach().numpy()
+        assert tuple(param.shape) == want.shape, name
+        np.testing.assert_array_equal(param.asnumpy(), want, err_msg=name)
+    assert parameter_pieces(tiny_ours)["model.layers.1.mlp.gate_proj.weight"][0] is None  # whole, not a slice
 
 
 def test_norms_hold_the_checkpoint_tensors(tiny_hf, tiny_ours):
@@ -134,7 +133,7 @@ def test_norms_hold_the_checkpoint_tensors(tiny_hf, tiny_ours):
 
 def test_loads_as_fp16_with_norms_in_fp32(tiny_hf):
     ours = load(tiny_hf[1], mindspore_dtype=ms.float16)
-    assert ours.model.layers[0].mlp.gate_up_proj.weight.dtype == ms.float16
+    assert ours.model.layers[0].mlp.gate_proj.weight.dtype == ms.float16
     assert ours.model.norm.weight.dtype == ms.float32
     assert ours.visual.blocks[0].norm1.weight.dtype == ms.float32
 

@@ -24,7 +24,7 @@ def test_fp16_close_to_hf_fp64(tiny_hf, case):
     hf, folder = tiny_hf
     ours = load(folder, mindspore_dtype=ms.float16)
     assert ours.policy.compute_dtype == ms.float16
-    assert ours.model.layers[0].self_attn.qkv_proj.weight.dtype == ms.float16
+    assert ours.model.layers[0].self_attn.q_proj.weight.dtype == ms.float16
     assert ours.visual.patch_embed.proj.weight.dtype == ms.float16
     for norm in (ours.model.norm, ours.model.layers[1].input_layernorm, ours.visual.blocks[0].norm2,
                  ours.visual.merger.ln_q):

@@ -416,7 +416,7 @@ def test_fp16_close_to_hf_fp64(hf25):
     hf, folder = hf25
     ours = load(folder, mindspore_dtype=ms.float16)
     block = ours.visual.blocks[0]
-    assert block.mlp.gate_up_proj.weight.dtype == ms.float16 and block.norm1.weight.dtype == ms.float32
+    assert block.mlp.gate_proj.weight.dtype == ms.float16 and block.norm1.weight.dtype == ms.float32
     assert ours.visual.merger.ln_q.weight.dtype == ms.float32
     inputs = case_inputs("mixed_left_padded_batch")
     logits = ours(**inputs).logits.asnumpy()

@@ -50,8 +50,7 @@ def main(out_dir, inputs_path, *checkpoints):
         out[f"{tag}/heads"] = np.array([attn.num_heads, attn.num_kv_heads])
         out[f"{tag}/tensor_parallel"] = np.array(tp.tensor_parallel)
         d = tp.config.text_config.head_dim
-        k_rows = slice(attn.num_heads * d, (attn.num_heads + attn.num_kv_heads) * d)  # k of the packed q/k/v
-        out[f"{tag}/k_proj_rows"] = np.asarray(attn.qkv_proj.weight.asnumpy()[k_rows, 0])
+        out[f"{tag}/k_proj_rows"] = np.asarray(attn.k_proj.weight.asnumpy()[:, 0])
         out[f"{tag}/decoder_bytes"] = np.array([decoder_bytes(tp), decoder_bytes(single)])
         out[f"{tag}/single"] = single(**inputs).logits.asnumpy()
         out[f"{tag}/tp_pynative"] = tp(**inputs).logits.asnumpy()
