@@ -167,7 +167,7 @@ class Worker:
 
     def decode_graphs(self):
         """Compiled decode graphs, every view counted."""
-        return self.runner.decode.compiled() + sum(step.compiled() for step in self.views.values())
+        return self.runner.decode.compiled() + sum(step.compiled() for step in list(self.views.values()))
 
     def prefill(self, slot, ids, images, videos, second_per_grid_ts):
         """A prompt (ids [1, S], no padding) into cache row `slot` -> (logits of its last position [V], its rope

@@ -165,6 +165,7 @@ class Metrics:
                                 registry=self.registry)
         self.prompt_tokens = Counter(f"{prefix}_prompt_tokens", "Prompt tokens", registry=self.registry)
         self.generated = Counter(f"{prefix}_generation_tokens", "Generated tokens", registry=self.registry)
+        self.graphs = Gauge(f"{prefix}_graphs_compiled", "Graphs compiled so far (graph mode)", registry=self.registry)
         buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
         self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Time to first token", buckets=buckets,
                               registry=self.registry)
@@ -182,6 +183,7 @@ class Server:
         self.engine = self.processor = None
         self.name = args.served_model_name
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {})
+        self.metrics.graphs.set_function(lambda: self.graphs_compiled() if self.engine else 0)
         self.main = True  # False on the msrun workers other than rank 0 (tensor parallelism): no HTTP, no engine
 
     def load(self):
@@ -202,7 +204,29 @@ class Server:
         self.processor = processor_cls.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len).start()
+        if args.warmup:
+            self.warm_up()
         self.ready = True
+
+    def graphs_compiled(self):
+        """Graphs compiled so far by the model and the engine's decode steps (0 in pynative mode)."""
+        return sum(self.engine.model.compiled_graphs().values()) + self.engine.worker.decode_graphs()
+
+    def warm_up(self):
+        """One small image question through the engine before the server reports ready: in graph mode it
+        compiles the graphs an ordinary first request needs (vision, prompt, head, a one-row decode step), so
+        that the first client does not wait for them; startup takes that time instead, and says how long."""
+        from PIL import Image
+
+        started, before = time.perf_counter(), self.graphs_compiled()
+        image = Image.new("RGB", (56, 56), (128, 128, 128))
+        conversation = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": "What is this?"}]}]
+        inputs = self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)
+        self.engine.submit(**inputs, max_new_tokens=2, do_sample=False).result()
+        print(f"warm-up: {self.graphs_compiled() - before} graphs compiled in {time.perf_counter() - started:.1f} s",
+              flush=True)
 
     def inputs(self, body):
         args = self.args
@@ -418,6 +442,9 @@ def parse_args(argv=None):
     p.add_argument("--attn_implementation", default=None, choices=["eager", "flash_attention_2"])
     p.add_argument("--tensor_parallel", type=int, default=None,
                    help="cards the decoder is split over, one msrun worker each (rank 0 serves HTTP)")
+    p.add_argument("--no_warmup", dest="warmup", action="store_false",
+                   help="report ready without first running one small request (in graph mode the first client "
+                        "then waits for the graphs to compile)")
     args = p.parse_args(argv)
     preset = {}
     if args.config:

@@ -3,6 +3,7 @@ talked to with the official `openai` client (and raw HTTP where the client hides
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,6 +71,18 @@ def ask(client, content, **kw):
 def test_ready_line_models_and_health(server):
     assert f"serving {MODEL} at {server['base']}/v1 (ready)" in open(server["log"]).read()
     assert [m.id for m in server["client"].models.list().data] == [MODEL]
+
+
+def test_the_warm_up_compiles_what_a_first_request_needs(server):
+    """Before the ready line the server ran one small image question through the engine; an image question
+    afterwards compiles no further graph (the metric counts the model's and the engine's graphs)."""
+    log = open(server["log"]).read()
+    warm = re.search(r"warm-up: (\d+) graphs compiled in [\d.]+ s", log)
+    assert warm and int(warm.group(1)) > 0 and log.index("warm-up:") < log.index("(ready)")
+    before = metric(server, "mindone_qwen2vl_graphs_compiled")
+    assert before >= int(warm.group(1))
+    ask(server["client"], [image_part("2.jpg"), {"type": "text", "text": "What is in the picture?"}])
+    assert metric(server, "mindone_qwen2vl_graphs_compiled") == before
 
 
 def test_image_question_plain_and_streamed(server):
