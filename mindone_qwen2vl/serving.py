@@ -204,7 +204,7 @@ class Server:
         self.processor = processor_cls.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len).start()
-        if args.warmup:
+        if args.warmup and args.mode == "graph":  # pynative compiles nothing: nothing to warm up
             self.warm_up()
         self.ready = True
 
