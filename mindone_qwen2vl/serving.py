@@ -185,6 +185,7 @@ class Server:
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {})
         self.metrics.graphs.set_function(lambda: self.graphs_compiled() if self.engine else 0)
         self.main = True  # False on the msrun workers other than rank 0 (tensor parallelism): no HTTP, no engine
+        self.stopping = False  # set by Ctrl-C / SIGTERM: a load still under way starts no engine
 
     def load(self):
         import mindspore as ms
@@ -201,11 +202,13 @@ class Server:
                                           tensor_parallel_size=args.tensor_parallel if args.tensor_parallel > 1 else None)
         if not self.main:
             return model
+        if self.stopping:
+            return None
         self.processor = processor_cls.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len).start()
-        if args.warmup and args.mode == "graph":  # pynative compiles nothing: nothing to warm up
-            self.warm_up()
+        if args.warmup and args.mode == "graph" and not self.warm_up():  # pynative compiles nothing
+            return None
         self.ready = True
 
     def graphs_compiled(self):
@@ -215,8 +218,11 @@ class Server:
     def warm_up(self):
         """One small image question through the engine before the server reports ready: in graph mode it
         compiles the graphs an ordinary first request needs (vision, prompt, head, a one-row decode step), so
-        that the first client does not wait for them; startup takes that time instead, and says how long."""
+        that the first client does not wait for them; startup takes that time instead, and says how long.
+        False if the engine stopped meanwhile (Ctrl-C or SIGTERM during startup)."""
         from PIL import Image
+
+        from .engine import EngineStopped
 
         started, before = time.perf_counter(), self.graphs_compiled()
         image = Image.new("RGB", (56, 56), (128, 128, 128))
@@ -224,9 +230,13 @@ class Server:
                                                      {"type": "text", "text": "What is this?"}]}]
         inputs = self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)
-        self.engine.submit(**inputs, max_new_tokens=2, do_sample=False).result()
+        try:
+            self.engine.submit(**inputs, max_new_tokens=2, do_sample=False).result()
+        except EngineStopped:  # the server is stopping: nothing to report
+            return False
         print(f"warm-up: {self.graphs_compiled() - before} graphs compiled in {time.perf_counter() - started:.1f} s",
               flush=True)
+        return True
 
     def inputs(self, body):
         args = self.args
@@ -529,15 +539,22 @@ def main(argv=None):
     def load():
         try:
             server.load()
-            print(f"serving {server.name} at http://{args.host}:{args.port}/v1 (ready)", flush=True)
+            if server.ready:
+                print(f"serving {server.name} at http://{args.host}:{args.port}/v1 (ready)", flush=True)
         except Exception as e:  # reported by /health and on stderr; the server keeps answering 503
             server.failed = f"{type(e).__name__}: {e}"
             print(f"serve.py: error: the model did not load: {server.failed}", file=sys.stderr, flush=True)
 
     class Uvicorn(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if received:  # a signal came before uvicorn took the handlers over (the load holds the GIL a lot)
+                self.handle_exit(received[0], None)
+
         def handle_exit(self, sig, frame):
             # Ctrl-C / SIGTERM: stop the engine first, so that requests in flight end (their streams with an
             # error chunk) and uvicorn's graceful shutdown has nothing left to wait for.
+            server.stopping = True
             if server.engine is not None:
                 threading.Thread(target=server.engine.stop, daemon=True).start()
             super().handle_exit(sig, frame)
