@@ -548,7 +548,7 @@ def main(argv=None):
     class Uvicorn(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
-            if received:  # a signal came before uvicorn took the handlers over (the load holds the GIL a lot)
+            if received:  # a signal came before uvicorn took the handlers over (it starts late while the model loads)
                 self.handle_exit(received[0], None)
 
         def handle_exit(self, sig, frame):
