@@ -303,6 +303,27 @@ def test_ctrl_c_stops_cleanly_mid_stream(server):
     assert "serve.py: stopped" in open(server["log"]).read()
 
 
+def test_no_warmup_leaves_the_compiling_to_the_first_request(tmp_path):
+    port = free_port()
+    env = dict(os.environ, MINDONE_QWEN2VL_CACHE=str(tmp_path / "cache"))
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--port", str(port),
+                                 "--no_warmup", "--allowed_local_media_path", ASSETS],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, lambda: log.read_text()[-3000:])
+        here = dict(base=base, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+        assert "warm-up:" not in log.read_text()
+        assert metric(here, "mindone_qwen2vl_graphs_compiled") == 0
+        ask(here["client"], [image_part("2.jpg"), {"type": "text", "text": "What is in the picture?"}])
+        assert metric(here, "mindone_qwen2vl_graphs_compiled") > 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_while_loading_stops_the_server(tmp_path):
     """A SIGTERM soon after the start, while the model loads and warms up, stops the server cleanly (exit 0).
     With the tiny model uvicorn has usually taken the handlers over by then; the window before it does (a
