@@ -303,15 +303,19 @@ def test_ctrl_c_stops_cleanly_mid_stream(server):
     assert "serve.py: stopped" in open(server["log"]).read()
 
 
-def test_no_warmup_leaves_the_compiling_to_the_first_request(tmp_path):
+def launch(tmp_path, *flags):
+    """A server of its own (the tiny default model) -> (process, its log file, base URL)."""
     port = free_port()
     env = dict(os.environ, MINDONE_QWEN2VL_CACHE=str(tmp_path / "cache"))
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--port", str(port),
-                                 "--no_warmup", "--allowed_local_media_path", ASSETS],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+                                 *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
+    return proc, log, f"http://127.0.0.1:{port}"
+
+
+def test_no_warmup_leaves_the_compiling_to_the_first_request(tmp_path):
+    proc, log, base = launch(tmp_path, "--no_warmup", "--allowed_local_media_path", ASSETS)
     try:
         wait_ready(proc, base, lambda: log.read_text()[-3000:])
         here = dict(base=base, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
@@ -327,14 +331,9 @@ def test_no_warmup_leaves_the_compiling_to_the_first_request(tmp_path):
 def test_sigterm_while_loading_stops_the_server(tmp_path):
     """A SIGTERM soon after the start, while the model loads and warms up, stops the server cleanly (exit 0).
     With the tiny model uvicorn has usually taken the handlers over by then; the window before it does (a
-    28-layer load and warm-up hold the GIL for seconds, and such a signal used to be forgotten) was checked by
-    hand at the `overhead` benchmark shape, not here."""
-    port = free_port()
-    env = dict(os.environ, MINDONE_QWEN2VL_CACHE=str(tmp_path / "cache"))
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    28-layer load and warm-up leave uvicorn no time to start for seconds, and such a signal used to be forgotten)
+    was checked by hand at the `overhead` benchmark shape, not here."""
+    proc, log, _ = launch(tmp_path)
     try:
         deadline = time.time() + 120
         while "RANDOM weights" not in log.read_text():  # printed just before the handlers are installed
