@@ -99,6 +99,11 @@ def _run_pipeline(settings, folder, main_rank, say, t, model_cls, processor_cls)
         folder, policy=policy, progress=main_rank,
         tensor_parallel_size=settings.tensor_parallel if settings.tensor_parallel > 1 else None)
     load += time.perf_counter() - t
+    if settings.launch_nice:
+        from .launch_priority import lower_launch_priority
+
+        if not lower_launch_priority(settings.launch_nice):
+            say(f"warning: --launch_nice {settings.launch_nice} does nothing on this device (CPU on Linux only)")
 
     if settings.seed is not None:
         ms.set_seed(settings.seed)

@@ -106,7 +106,8 @@ def settings_line(settings, policy, folder, cpu_isa=None):
     device = d["device"] + (f" (oneDNN {cpu_isa})" if d["device"] == "CPU" and cpu_isa else "")
     return (f"model {folder} | {settings.mode} mode | device {device} | weights/matmuls {d['linear/embedding']}, "
             f"Conv3d {d['patch_embed Conv3d']}, attention {d['attention']}, norms {d['LayerNorm/RMSNorm']} | "
-            f"tensor parallel {settings.tensor_parallel}")
+            f"tensor parallel {settings.tensor_parallel}"
+            + (f" | launch nice {settings.launch_nice}" if settings.launch_nice else ""))
 
 
 def warning_printer(say):

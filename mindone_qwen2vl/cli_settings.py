@@ -32,6 +32,7 @@ class Settings:
     batch: bool = False
     output: Optional[str] = None
     seed: Optional[int] = None
+    launch_nice: int = 0  # 0: the model runs at the caller's priority (launch_priority.py)
 
 
 def _check_limits(options, flags, what):
@@ -159,4 +160,5 @@ def resolve_settings(kind, args) -> Settings:
                     mode=pick(args.mode, "mode", DEFAULT_MODE),
                     tensor_parallel=pick(args.tensor_parallel, "tensor_parallel_size", 1),
                     image_options=image_options, video_options=video_options, generation=generation,
-                    requests=requests, batch=args.batch_file is not None, output=args.output, seed=args.seed)
+                    requests=requests, batch=args.batch_file is not None, output=args.output, seed=args.seed,
+                    launch_nice=args.launch_nice)

@@ -255,12 +255,17 @@ class Engine:
     """Continuous batching over `max_batch` slots of `max_len` positions on one model thread.
 
     tokenizer: to decode text for the events and to apply stop strings (None: token ids only).
+    launch_nice: 0, or the nice value (1-19) the engine's thread takes when it starts, CPU backend only
+        (launch_priority.py: an opt-in that gives MindSpore's kernel threads the cores).
     """
 
-    def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_len=DEFAULT_MAX_LEN):
+    def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_len=DEFAULT_MAX_LEN, launch_nice=0):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(launch_nice, bool) or not isinstance(launch_nice, int) or not 0 <= launch_nice <= 19:
+            raise ValueError(f"launch_nice must be an integer from 0 to 19, got {launch_nice!r}")
+        self.launch_nice = launch_nice
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.rows = batch_rows(max_batch)
@@ -362,6 +367,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ loop
     def _loop(self):
         try:
+            if self.launch_nice:
+                from .launch_priority import lower_launch_priority
+
+                lower_launch_priority(self.launch_nice)
             while True:
                 with self.cond:
                     self.cond.wait_for(lambda: self.stopping or self.calls or self.waiting or any(self.slots))

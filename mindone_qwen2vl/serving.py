@@ -206,7 +206,7 @@ class Server:
             return None
         self.processor = processor_cls.from_pretrained(args.folder)
         self.engine = Engine(model, tokenizer=self.processor.tokenizer, max_batch=args.max_batch,
-                             max_queue=args.max_queue, max_len=args.max_len).start()
+                             max_queue=args.max_queue, max_len=args.max_len, launch_nice=args.launch_nice).start()
         if args.warmup and args.mode == "graph" and not self.warm_up():  # pynative compiles nothing
             return None
         self.ready = True
@@ -455,6 +455,9 @@ def parse_args(argv=None):
     p.add_argument("--no_warmup", dest="warmup", action="store_false",
                    help="report ready without first running one small request (in graph mode the first client "
                         "then waits for the graphs to compile)")
+    p.add_argument("--launch_nice", type=int, default=0, metavar="N",
+                   help="CPU only, opt-in: the engine's thread runs the model at nice N (1-19; 10 is a good value) so "
+                        "that MindSpore's kernel threads get the cores; default 0: off")
     args = p.parse_args(argv)
     preset = {}
     if args.config:
@@ -480,6 +483,8 @@ def parse_args(argv=None):
             p.error(f"--{name} {getattr(args, name)}: out of range")
     if args.tensor_parallel < 1:
         p.error(f"--tensor_parallel {args.tensor_parallel}: out of range")
+    if not 0 <= args.launch_nice <= 19:
+        p.error(f"--launch_nice {args.launch_nice}: expected an integer from 0 to 19")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         p.error(f"--allowed_local_media_path {args.allowed_local_media_path!r}: not a folder")
     return args
@@ -501,6 +506,10 @@ def follow_rank(server):
     except Exception as e:
         print(f"serve.py: error: the model did not load: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    if args.launch_nice:  # this rank's main thread runs its share of every step, as rank 0's engine thread does
+        from .launch_priority import lower_launch_priority
+
+        lower_launch_priority(args.launch_nice)
     follow(model, max_batch=args.max_batch, max_len=args.max_len)
     return 0
 
