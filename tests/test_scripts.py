@@ -125,7 +125,8 @@ def batch_run(env, tmp_path_factory):
     batch_file.write_text(lines[0] + "\n" + lines[1] + "\n\n" + "\n".join(lines[2:]) + "\n")  # a blank line
     output = folder / "answers.jsonl"
     result = run(VQA, ["--batch_file", str(batch_file), "--output", str(output), "--max_new_tokens",
-                       str(NEW_TOKENS), "--mode", "pynative", *SMALL, "--model_name_or_path", env["folder"]], env)
+                       str(NEW_TOKENS), "--mode", "pynative", *SMALL, "--model_name_or_path", env["folder"],
+                       "--launch_nice", "10"], env)
     return result, output, conversations
 
 
@@ -160,13 +161,15 @@ def test_batch_file_answers_every_line_in_order(env, image_run, batch_run):
     assert f"wrote 4 answers to {output}" in err
     if ON_CPU:
         assert "| device CPU |" in err and "oneDNN" not in err  # nor for a batch
+        assert err.count("| launch nice 10") == 1 and "does nothing" not in err  # the opt-in, said once and done
     match = TIMINGS.search(err)
     assert match, err
     items = [c if isinstance(c, list) else c["messages"] for c in conversations]
     items[0] = user(small_image(IMG1), small_image(IMG2), {"type": "text", "text": PROMPT})
     items[3] = user(small_image(IMG1), items[3][0]["content"][1], items[3][0]["content"][2])
     assert match.group(1) == f"batch 4 x {expected_prompt_tokens(env['folder'], items)} padded prompt tokens"
-    # Row 1 is the image run's request, left-padded in a batch: greedy gives the same answer it streamed.
+    # Row 1 is the image run's request, left-padded in a batch (and run at --launch_nice 10): greedy gives the same
+    # answer it streamed.
     assert image_run[0] == 0
     assert image_run[1] == rows[0]["answer"] + "\n"
 
@@ -239,6 +242,8 @@ BAD_ARGUMENTS = [
     ("image", ["--model_name_or_path", IMG1], "is a file, not a checkpoint folder"),
     ("image", ["--output", "answers.jsonl"], "--output is for --batch_file answers"),
     ("image", ["--tensor_parallel", "0"], "argument --tensor_parallel: expected a positive integer, got '0'"),
+    ("image", ["--launch_nice", "20"], "argument --launch_nice: expected an integer from 0 to 19, got '20'"),
+    ("video", ["--video", MP4, "--launch_nice", "-3"], "argument --launch_nice: expected an integer from 0 to 19"),
     ("video", [], "give --video (or --batch_file)"),
     ("video", ["--video", "/no/such.mp4"], "--video: video file '/no/such.mp4' does not exist"),
     ("video", ["--video", MP4, "--nframes", "1"], "argument --nframes: expected an integer from 2 to 16384"),
@@ -601,13 +606,16 @@ def test_full_disk_names_the_output_and_writes_nothing(env, tmp_path, capsys, mo
     assert os.listdir(tmp_path) == ["requests.jsonl"]
 
 
-def test_ctrl_c_mid_generation_exits_130_with_one_line_and_writes_nothing(env, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--launch_nice", "10"]], ids=["", "launch_nice"])
+def test_ctrl_c_mid_generation_exits_130_with_one_line_and_writes_nothing(env, tmp_path, flags):
     """SIGINT once tokens are being generated (graph mode, whose runtime threads install MindSpore's own SIGINT
-    handler, which would end the process by SIGTERM): exit 130, "interrupted", no --output file."""
+    handler, which would end the process by SIGTERM): exit 130, "interrupted", no --output file. The same with
+    the model running at a lowered priority (--launch_nice)."""
     batch = write(tmp_path / "requests.jsonl", line({"type": "text", "text": "Count to a million."}))
     output = tmp_path / "answers.jsonl"
     proc = subprocess.Popen([sys.executable, VQA, "--batch_file", batch, "--output", str(output),
-                             "--max_new_tokens", "30000", "--mode", "graph", "--model_name_or_path", env["folder"]],
+                             "--max_new_tokens", "30000", "--mode", "graph", "--model_name_or_path", env["folder"],
+                             *flags],
                             env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         seen = b""

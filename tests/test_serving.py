@@ -328,6 +328,28 @@ def test_no_warmup_leaves_the_compiling_to_the_first_request(tmp_path):
         proc.wait()
 
 
+def test_launch_nice_lowers_the_engine_thread_only(tmp_path):
+    """--launch_nice 10: one thread of the server (the engine's, which runs the model) at nice 10, MindSpore's
+    kernel threads and the HTTP thread at the server's own priority; answers as usual."""
+    proc, log, base = launch(tmp_path, "--launch_nice", "10", "--no_warmup")
+    try:
+        wait_ready(proc, base, lambda: log.read_text()[-3000:])
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+        assert ask(client, "Say something.").choices[0].message.content
+        nices = {}
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{tid}/stat") as f:
+                name, rest = f.read().split("(", 1)[1].rsplit(")", 1)
+            nices.setdefault(int(rest.split()[16]), []).append(name)
+        base = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits this process's priority
+        assert len(nices.get(10, [])) == 1, nices
+        assert set(nices) == {base, 10}, nices
+        assert any(n.startswith("KernelThread") for n in nices[base]) and "python" in nices[base], nices
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_while_loading_stops_the_server(tmp_path):
     """A SIGTERM soon after the start, while the model loads and warms up, stops the server cleanly (exit 0).
     With the tiny model uvicorn has usually taken the handlers over by then; the window before it does (a
@@ -360,7 +382,8 @@ def test_presets_and_flags():
     assert args.video_defaults == {"max_pixels": 602112, "total_pixels": 19267584, "fps": 2.0}
     for argv, message in ((["--tensor_parallel", "2"], "--tensor_parallel 2: tensor_parallel_size=2 needs 2 processes"),
                           (["--config", "no-such-preset"], "--config: no preset 'no-such-preset'"),
-                          (["--max_batch", "0"], "--max_batch 0: out of range")):
+                          (["--max_batch", "0"], "--max_batch 0: out of range"),
+                          (["--launch_nice", "25"], "--launch_nice 25: expected an integer from 0 to 19")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *argv], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr[-500:])
