@@ -45,6 +45,9 @@ def _start_runtime_threads():
 
     one = ms.Tensor(np.ones((2, 2), np.float32))
     (one + one).asnumpy()  # the kernel thread pool
+    # An in-place update of a Parameter outside a graph (as the generation cache's writes): its queue thread.
+    probe = ms.Parameter(one, name="launch_priority_probe", requires_grad=False)
+    ms.ops.scatter_update(probe, ms.Tensor(np.zeros(1, np.int32)), one[:1]).asnumpy()
 
     class _Twice(ms.nn.Cell):
         def construct(self, x):

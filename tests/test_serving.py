@@ -331,11 +331,12 @@ def test_no_warmup_leaves_the_compiling_to_the_first_request(tmp_path):
 def test_launch_nice_lowers_the_engine_thread_only(tmp_path):
     """--launch_nice 10: one thread of the server (the engine's, which runs the model) at nice 10, MindSpore's
     kernel threads and the HTTP thread at the server's own priority; answers as usual."""
-    proc, log, base = launch(tmp_path, "--launch_nice", "10", "--no_warmup")
+    proc, log, base = launch(tmp_path, "--launch_nice", "10", "--no_warmup", "--allowed_local_media_path", ASSETS)
     try:
         wait_ready(proc, base, lambda: log.read_text()[-3000:])
         client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         assert ask(client, "Say something.").choices[0].message.content
+        assert ask(client, [image_part("2.jpg"), {"type": "text", "text": "What is this?"}]).choices[0].message.content
         nices = {}
         for tid in os.listdir(f"/proc/{proc.pid}/task"):
             with open(f"/proc/{proc.pid}/task/{tid}/stat") as f:
