@@ -23,8 +23,9 @@ import threading
 
 __all__ = ["DEFAULT_LAUNCH_NICE", "lower_launch_priority", "thread_nice"]
 
-# 10 rather than the lowest priority (19): about the same gain when the machine is idle, and a thread at 19 was
-# starved for whole time slices when another process kept the cores busy (docs/benchmarks.md, tenth session).
+# 10 rather than the lowest priority (19): most of the gain when the machine is idle, and with another process
+# keeping a core busy no run at 10 was slower than at 0, while one of three decode runs at 19 took 112 ms a token
+# against 21-25 (docs/benchmarks.md, tenth session).
 DEFAULT_LAUNCH_NICE = 10
 
 
