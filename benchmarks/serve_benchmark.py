@@ -65,12 +65,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(ckpt, media, max_batch):
+def start_server(ckpt, media, max_batch, launch_nice=0):
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--model_name_or_path", ckpt,
                              "--port", str(port), "--max_batch", str(max_batch), "--max_queue", "256",
-                             "--allowed_local_media_path", "/", "--served_model_name", "bench"],
+                             "--allowed_local_media_path", "/", "--served_model_name", "bench",
+                             "--launch_nice", str(launch_nice)],
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     while True:
@@ -168,12 +169,14 @@ def main(argv=None):
     p.add_argument("--max_batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_hf", action="store_true")
+    p.add_argument("--launch_nice", type=int, default=0, choices=range(20), metavar="N",
+                   help="serve.py --launch_nice N (the engine's thread at nice N); default 0: off")
     p.add_argument("--json")
     args = p.parse_args(argv)
     ckpt = benchmark.checkpoint(args.shape)
     media = tempfile.mkdtemp(prefix="serve_bench_")
     requests = request_set(args.requests, args.seed, media)
-    proc, base = start_server(ckpt, media, args.max_batch)
+    proc, base = start_server(ckpt, media, args.max_batch, args.launch_nice)
     rows = []
     try:
         stream_one(base, requests[0][0], args.max_tokens, 1.0)  # warm-up: compiles the graphs
@@ -185,7 +188,8 @@ def main(argv=None):
         proc.wait(60)
     if not args.no_hf:
         rows.append(hf_sequential(ckpt, requests, args.max_tokens))
-    print(f"{args.shape}, {args.requests} requests, max_tokens {args.max_tokens}, {benchmark.cpu_model()} "
+    print(f"{args.shape}, {args.requests} requests, max_tokens {args.max_tokens}, launch nice {args.launch_nice}, "
+          f"{benchmark.cpu_model()} "
           f"({os.cpu_count()} cores)")
     print("| clients | wall s | requests/s | tokens/s | TTFT p50 s | TTFT p95 s |")
     print("|---|---|---|---|---|---|")
@@ -195,6 +199,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=args.shape, requests=args.requests, max_tokens=args.max_tokens, rows=rows,
+                           launch_nice=args.launch_nice,
                            cpu_model=benchmark.cpu_model()), f, indent=2)
     return 0
 
