@@ -16,17 +16,16 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="thread prioriti
 RUNTIME_THREADS = ("ActorThread", "KernelThread", "infer_queue", "resize_queue", "launch_queue", "bprop_queue")
 
 
-def threads_by_name():
-    """{name: [nice of each thread of that name]} for this process."""
+def threads():
+    """[(thread id, name, nice)] for the threads of this process (one that ends meanwhile is left out)."""
     from mindone_qwen2vl.launch_priority import thread_nice
 
-    out = {}
+    out = []
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-            out.setdefault(name, []).append(thread_nice(int(tid)))
-        except FileNotFoundError:  # a thread that ended meanwhile
+                out.append((int(tid), f.read().strip(), thread_nice(int(tid))))
+        except FileNotFoundError:
             pass
     return out
 
@@ -73,15 +72,13 @@ def test_only_the_calling_thread_is_lowered(tiny_ours, graph_mode):  # noqa: F81
         done = lower_launch_priority(12)
         alone(tiny_ours, rows()[0])
         me = threading.get_native_id()
-        others = {tid: thread_nice(int(tid)) for tid in os.listdir("/proc/self/task") if int(tid) != me}
-        return done, thread_nice(), others
+        return done, thread_nice(), [t for t in threads() if t[0] != me]
 
     done, nice, others = in_thread(lowered)
     assert (done, nice) == (True, 12)
-    assert set(others.values()) == {base}, others
-    names = threads_by_name()
+    assert {t[2] for t in others} == {base}, others
     for name in RUNTIME_THREADS:
-        assert any(n.startswith(name) for n in names), (name, names)
+        assert any(t[1].startswith(name) for t in others), (name, others)
 
 
 def test_a_lower_value_than_the_threads_own_is_left_alone():
