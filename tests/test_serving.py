@@ -205,13 +205,16 @@ def test_metrics_and_a_client_that_disconnects(server):
 
 
 def test_a_full_queue_is_a_429(server):
-    body = dict(model=MODEL, messages=[{"role": "user", "content": "Long."}], max_tokens=600)
+    # Answers as long as the server's --max_len allows, and twice the requests the 4 slots and 6 places in the
+    # queue hold: in one fresh-clone CI run 14 requests of 600 tokens all got 200 (the first ones finished
+    # while the HTTP thread, short of CPU beside the engine, was still taking the last ones in).
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Long."}], max_tokens=990)
     statuses = []
 
     def call():
         statuses.append(httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=300).status_code)
 
-    threads = [threading.Thread(target=call) for _ in range(14)]  # 4 slots + 6 waiting < 14
+    threads = [threading.Thread(target=call) for _ in range(20)]  # 4 slots + 6 waiting < 20
     for t in threads:
         t.start()
     for t in threads:
