@@ -29,10 +29,10 @@ __all__ = ["DEFAULT_LAUNCH_NICE", "lower_launch_priority", "thread_nice"]
 DEFAULT_LAUNCH_NICE = 10
 
 
-def thread_nice(native_id=None):
-    """The nice value of a thread of this process (default: the calling thread), read from /proc."""
+def thread_nice(native_id=None, pid="self"):
+    """The nice value of a thread of process `pid` (default: the calling thread of this one), read from /proc."""
     native_id = threading.get_native_id() if native_id is None else native_id
-    with open(f"/proc/self/task/{native_id}/stat") as f:
+    with open(f"/proc/{pid}/task/{native_id}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
     return int(fields[16])  # field 19 of proc(5); fields[0] is field 3
 

@@ -483,8 +483,11 @@ def parse_args(argv=None):
             p.error(f"--{name} {getattr(args, name)}: out of range")
     if args.tensor_parallel < 1:
         p.error(f"--tensor_parallel {args.tensor_parallel}: out of range")
-    if not 0 <= args.launch_nice <= 19:
-        p.error(f"--launch_nice {args.launch_nice}: expected an integer from 0 to 19")
+    from .cli_args import number_problem  # the scripts' rule for the same flag
+
+    problem = number_problem("launch_nice", args.launch_nice)
+    if problem:
+        p.error(f"--launch_nice {args.launch_nice}: {problem}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         p.error(f"--allowed_local_media_path {args.allowed_local_media_path!r}: not a folder")
     return args
