@@ -18,7 +18,7 @@ from mindspore import Tensor, nn, ops
 
 from .attention import flash_kernel, frame_attention, query_blocks, segment_batches
 from .config import Qwen2VLVisionConfig
-from .graphs import Step, dynamic, like
+from .graphs import HotLayouts, Step, dynamic, like
 from .kernels import PortableKernels, broadcast, kernels_for, rotate_half_matrix, split
 from .layers import LayerNorm, Linear, as_arguments, new_param
 from .precision import PrecisionPolicy
@@ -429,10 +429,16 @@ class Qwen2VisionTransformer(nn.Cell):
                      project=VisionProjectStep(self.blocks[0]),
                      attend=VisionAttendStep(self.blocks[0]), merger=MergerStep(self.merger))
         object.__setattr__(self, "steps", steps)
+        self.hot_layouts = HotLayouts()
 
     def windowed(self, index):
         """Whether block `index` attends within windows (else within frames)."""
         return False
+
+    @staticmethod
+    def layout(grid_thw):
+        """The key HotLayouts knows a call's images by: their (t, h, w) grids in order."""
+        return tuple(map(tuple, np.asarray(grid_thw).tolist()))
 
     def plan(self, grid_thw) -> VisionPlan:
         return vision_plan(grid_thw, self.config.spatial_merge_size, self.config.num_heads,
@@ -452,7 +458,19 @@ class Qwen2VisionTransformer(nn.Cell):
         layouts = {"frames": _calls(plan.frames)}
         if plan.windows is not None:
             layouts["windows"] = _calls(plan.windows)
+        if ms.get_context("mode") != ms.GRAPH_MODE:
+            x = self.blocks_forward(x, cos, sin, layouts, False)
+        else:
+            x = self.hot_layouts.run(self.layout(grid_thw), len(plan.rot_pos),
+                                       lambda static: self.blocks_forward(x, cos, sin, layouts, static))
+        x = self.steps["merger"](x)
+        return x if plan.restore is None else ops.gather(x, Tensor(plan.restore), 0)
+
+    def blocks_forward(self, x, cos, sin, layouts, static):
+        """The blocks, through the shared steps: dynamic, or static for this layout's shapes (HotLayouts)."""
         project, attend = self.steps["project"], self.steps["attend"]
+        if static:
+            project, attend = project.static, attend.static
         for i, blk in enumerate(self.blocks):
             calls, unpad = layouts["windows" if self.windowed(i) else "frames"]
             w = as_arguments(blk.weights())
@@ -461,8 +479,7 @@ class Qwen2VisionTransformer(nn.Cell):
             x = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
             if unpad is not None:
                 x = ops.gather(x, unpad, 0)
-        x = self.steps["merger"](x)
-        return x if plan.restore is None else ops.gather(x, Tensor(plan.restore), 0)
+        return x
 
 
 def _calls(layout: AttentionLayout):

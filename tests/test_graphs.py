@@ -1,5 +1,8 @@
 """Graphs across requests: a workload run again in one process compiles nothing more and does not grow memory."""
+import time
+
 import mindspore as ms
+import numpy as np
 
 from test_generation import case_inputs
 
@@ -28,3 +31,86 @@ def test_a_workload_again_compiles_nothing_and_keeps_memory_flat(tiny_ours):
         assert growth < 30
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_a_repeated_image_size_gets_static_graphs_equal_to_the_dynamic_ones(tiny_hf):
+    """graphs.HotLayouts: a size that has cost enough runs in static graphs of its own (here at once: the gain is
+    pinned high, as if compiling were free), whose features and generation equal the dynamic ones and HF's; a
+    size over the budget stays dynamic; nothing compiles twice. A fresh model, so that the counts are this test's."""
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+    from mindone_qwen2vl.graphs import HotLayouts
+    from test_generation import case_inputs, hf_generate
+    from test_modeling_vision import hf_visual
+    from tiny import random_pixels, rel_err
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
+    small, big = np.array([(1, 4, 6)]), np.array([(1, 8, 4)])  # 24 and 32 patches
+    model.visual.hot_layouts = hot = HotLayouts(budget=30, limit=4, gain=1e6)
+    pixels = {24: random_pixels(small, 3), 32: random_pixels(big, 4)}
+
+    def vision(grid):
+        return model.get_vision_features(pixels[int(grid.prod())], grid).asnumpy()
+
+    def blocks():
+        graphs = model.compiled_graphs()
+        return graphs["vision.project"], graphs["vision.attend"]
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        first = vision(small)  # the first call of all: its time stands for a compilation
+        assert hot.compile_s is not None and not hot.hot
+        again = vision(small)  # dynamic, and now its time is known
+        assert blocks() == (1, 1) and not hot.hot
+        static = vision(small)
+        assert hot.hot == {((1, 4, 6),): 24} and blocks() == (2, 2)
+        assert hot.compiled == {((1, 4, 6),)} and hot.compile_s >= 0
+        np.testing.assert_array_equal(again, first)
+        assert rel_err(static, first) < 1e-6
+        assert rel_err(static, hf_visual(tiny_hf[0], pixels[24], small)) < 1e-5
+        for _ in range(3):
+            vision(big)  # 24 + 32 patches > the budget of 30: stays dynamic
+        assert list(hot.hot) == [((1, 4, 6),)] and blocks() == (2, 2)
+        # The image case's grid is the hot one: greedy tokens through the static graphs equal HF's.
+        inputs = case_inputs("image")
+        assert model.visual.layout(inputs["image_grid_thw"]) in hot.hot
+        np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=8),
+                                      hf_generate(tiny_hf[0], inputs, max_new_tokens=8))
+        assert blocks() == (2, 2)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_hot_layouts_rent_before_they_buy_and_stay_bounded():
+    """The policy alone, with the time a call takes given by the call: the first call of all less the next call
+    of its layout stands for a compilation; a layout is promoted once gain x its dynamic time reaches that cost,
+    which is then re-measured from its first static call; the hot layouts stay within limit and budget."""
+    from mindone_qwen2vl.graphs import HotLayouts
+
+    hot = HotLayouts(budget=100, limit=2, gain=0.5)
+
+    def call(layout, patches, seconds):
+        def fn(static):
+            time.sleep(seconds / 2 if static else seconds)  # static twice as fast: a gain of 0.5
+            return static
+        return hot.run(layout, patches, fn)
+
+    assert call("a", 10, 0.3) is False  # the first call of all (compilation and a run): a stand-in
+    assert 0.3 <= hot.compile_s < 0.45
+    assert call("b", 10, 0.01) is False  # another layout: the stand-in stays
+    assert 0.3 <= hot.compile_s < 0.45
+    assert call("a", 10, 0.1) is False  # the first layout again: 0.3 - 0.1 s was compiling
+    assert 0.1 < hot.compile_s < 0.3
+    hot.compile_s = 0.2  # pinned, so that only the calls' own times count from here
+    dynamic = 1
+    while not call("a", 10, 0.1):  # promoted once 0.5 x its dynamic seconds (0.1 a call) reach 0.2
+        dynamic += 1
+        assert dynamic <= 4
+    assert dynamic >= 3  # 0.4 s run dynamic (0.3 and a little more if sleep overshoots)
+    assert hot.hot == {"a": 10} and "a" not in hot.spent
+    assert 0 <= hot.compile_s < 0.05  # re-measured: the first static call cost its run (0.05 s) and no more
+    hot.compile_s = 0.0  # as if compiling were free: promoted once seen run dynamic
+    assert call("c", 95, 0.01) is False and call("c", 95, 0.01) is False  # 10 + 95 > 100 patches
+    assert call("d", 50, 0.01) is False
+    assert call("d", 50, 0.01) is True
+    assert call("e", 5, 0.01) is False and call("e", 5, 0.01) is False  # two layouts are the limit
+    assert hot.hot == {"a": 10, "d": 50} and hot.used() == 60

@@ -183,6 +183,27 @@ def test_vision_steps_compile_once_for_every_size(ours25):
     assert all(n >= 1 for n in first.values()) and vision_graphs() == first
 
 
+def test_a_hot_size_runs_static_windows_and_frames_equal_to_hf(hf25, ours25):
+    """The static twins of the block steps (graphs.HotLayouts, promoted at once here: gain pinned high) run the
+    windowed and the per-frame blocks, several images and a video, equal to HF's tower."""
+    from mindone_qwen2vl.graphs import HotLayouts
+
+    grid = np.array([VID, IMG_A, IMG_C])
+    pixels = random_pixels(grid, 5)
+    kept = ours25.visual.hot_layouts
+    ours25.visual.hot_layouts = hot = HotLayouts(gain=1e6)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        outs = [ours25.get_vision_features(pixels, grid).asnumpy() for _ in range(3)]
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        ours25.visual.hot_layouts = kept
+    assert list(hot.hot) == [ours25.visual.layout(grid)] and hot.compiled == set(hot.hot)
+    with torch.no_grad():
+        ref = hf25[0].model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grid)).numpy()
+    assert rel_err(outs[0], ref) < 1e-5 and rel_err(outs[2], ref) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ rope
 def test_rope_index_in_seconds_equals_hf_for_whole_seconds(hf25, ours25):
     inputs = case_inputs("mixed_left_padded_batch")
