@@ -9,10 +9,10 @@ runner loads the same weights and gets the same inputs, each in its own subproce
 MindSpore execution mode are per runner). Needs torch (the `test` extra).
 
 `--workload warm` (default), shapes seen again and again: load time, the vision encoder on a 448x448 and a
-1372x2044 image (ours: repeated first until the tower runs that size static, see graphs.HotLayouts; the calls
-and seconds that took are reported), prefill (one 448x448 image plus a question), decode ms/token (median over `--new_tokens`
-tokens, at least 24, generation forced to that length; median of `--repeats` runs after an untimed one), peak
-RSS.
+1372x2044 image (ours: repeated first until the tower runs that size static, see graphs.HotLayouts, at most 40
+times; the calls and seconds that took are reported), prefill (one 448x448 image plus a question), decode
+ms/token (median over `--new_tokens` tokens, at least 24, generation forced to that length; median of
+`--repeats` runs after an untimed one), peak RSS.
 
 `--workload mixed`, what a service sees: a seeded stream of requests, each of its own shape (images of random
 sizes, 200 to 1400 px a side; some requests with two images, some with a video, some text only; prompts of

@@ -101,9 +101,12 @@ class HotLayouts:
     compiled twice and memory stops growing once the hot set is full). The compile cost is measured at each
     promotion (the first static call against the layout's dynamic calls). Until then the dynamic graphs' own
     compilation stands for it: the first call of all less the next call of its layout (the first call alone
-    until that layout comes again). A workload of ever new
-    sizes compiles nothing here; one that repeats a size gets the static speed once the repeats have paid for
-    it. budget=0 turns it off.
+    until that layout comes again). A workload of ever new sizes compiles nothing here; one that repeats a size
+    gets the static speed once the repeats have paid for it. budget=0 turns it off.
+
+    Each process decides alone, by its own clock: under tensor parallelism the tower is replicated and runs no
+    collective, so ranks that decide differently never wait on each other (and on the CPU backend static and
+    dynamic steps gave bit-identical features).
     """
 
     TRACKED = 4096  # layouts whose dynamic time is remembered (the oldest is forgotten first)

@@ -462,7 +462,7 @@ class Qwen2VisionTransformer(nn.Cell):
             x = self.blocks_forward(x, cos, sin, layouts, False)
         else:
             x = self.hot_layouts.run(self.layout(grid_thw), len(plan.rot_pos),
-                                       lambda static: self.blocks_forward(x, cos, sin, layouts, static))
+                                     lambda static: self.blocks_forward(x, cos, sin, layouts, static))
         x = self.steps["merger"](x)
         return x if plan.restore is None else ops.gather(x, Tensor(plan.restore), 0)
 
