@@ -18,6 +18,7 @@ The vision tower's block steps remain 10-16 % slower dynamic than static all the
 by measured time, when a size has cost enough to get static graphs of its own (`Step.static`).
 """
 import time
+import warnings
 
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -116,6 +117,7 @@ class HotLayouts:
         self.spent = {}  # layout -> [seconds run dynamic, calls]
         self.hot = {}  # layout -> its patches: runs static
         self.compiled = set()  # hot layouts whose static graphs have run
+        self.failed = set()  # layouts whose static graphs failed: dynamic for good
         self.compile_s = None  # what compiling a layout's static graphs costs, seconds
         self.first = None  # the layout of the first call of all, until it is seen again
 
@@ -126,7 +128,8 @@ class HotLayouts:
     def _promote(self, layout, patches):
         if layout in self.hot:
             return True
-        if self.compile_s is None or len(self.hot) >= self.limit or self.used() + patches > self.budget:
+        if (self.compile_s is None or layout in self.failed or len(self.hot) >= self.limit
+                or self.used() + patches > self.budget):
             return False
         seconds, calls = self.spent.get(layout, (0.0, 0))
         if not calls or self.gain * seconds < self.compile_s:  # a layout is seen run dynamic at least once
@@ -138,7 +141,19 @@ class HotLayouts:
         """fn(static) for a call of `layout` (`patches` patches in all), timed and accounted for."""
         static = self._promote(layout, patches)
         t = time.perf_counter()
-        out = fn(static)
+        try:
+            out = fn(static)
+        except Exception as e:
+            if not static:
+                raise
+            # A static graph that fails to build or run (out of device memory, say) must not fail a request the
+            # dynamic ones ran before: the layout goes back to them for good. The tower is a pure function, so
+            # running it again is safe.
+            del self.hot[layout]
+            self.failed.add(layout)
+            warnings.warn(f"static vision graphs for {layout} failed ({type(e).__name__}: {e}); that layout "
+                          "runs the dynamic ones from now on")
+            return fn(False)
         elapsed = time.perf_counter() - t
         if static and layout not in self.compiled:
             self.compiled.add(layout)

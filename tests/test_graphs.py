@@ -114,3 +114,37 @@ def test_hot_layouts_rent_before_they_buy_and_stay_bounded():
     assert call("d", 50, 0.01) is True
     assert call("e", 5, 0.01) is False and call("e", 5, 0.01) is False  # two layouts are the limit
     assert hot.hot == {"a": 10, "d": 50} and hot.used() == 60
+
+
+def test_a_layout_whose_static_graphs_fail_goes_back_to_the_dynamic_ones():
+    """A static run that raises (what an out-of-memory compilation would do) gives the request the dynamic result,
+    with a warning naming the layout, and that layout is never promoted again; the dynamic path's own errors
+    still reach the caller."""
+    import pytest
+
+    from mindone_qwen2vl.graphs import HotLayouts
+
+    hot = HotLayouts(budget=100, limit=4, gain=1e6)
+    calls = []
+
+    def fn(static):
+        calls.append(static)
+        if static:
+            raise RuntimeError("Out of memory")
+        return "dynamic"
+
+    assert hot.run("a", 10, fn) == "dynamic"  # the first call of all
+    assert hot.run("a", 10, fn) == "dynamic"  # seen run dynamic: promoted at the next call
+    with pytest.warns(UserWarning, match=r"static vision graphs for a failed \(RuntimeError: Out of memory\)"):
+        assert hot.run("a", 10, fn) == "dynamic"
+    assert calls == [False, False, True, False]
+    assert hot.failed == {"a"} and not hot.hot and hot.used() == 0
+    for _ in range(3):
+        assert hot.run("a", 10, fn) == "dynamic"
+    assert calls[-3:] == [False, False, False]
+
+    def broken(static):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        hot.run("b", 10, broken)
