@@ -94,12 +94,14 @@ def test_hot_layouts_rent_before_they_buy_and_stay_bounded():
             return static
         return hot.run(layout, patches, fn)
 
+    # (Bounds leave room for sleep overshooting on a busy machine.)
     assert call("a", 10, 0.3) is False  # the first call of all (compilation and a run): a stand-in
-    assert 0.3 <= hot.compile_s < 0.45
+    first = hot.compile_s
+    assert 0.3 <= first < 0.6
     assert call("b", 10, 0.01) is False  # another layout: the stand-in stays
-    assert 0.3 <= hot.compile_s < 0.45
+    assert hot.compile_s == first
     assert call("a", 10, 0.1) is False  # the first layout again: 0.3 - 0.1 s was compiling
-    assert 0.1 < hot.compile_s < 0.3
+    assert 0.05 < hot.compile_s < first - 0.09
     hot.compile_s = 0.2  # pinned, so that only the calls' own times count from here
     dynamic = 1
     while not call("a", 10, 0.1):  # promoted once 0.5 x its dynamic seconds (0.1 a call) reach 0.2
@@ -107,7 +109,7 @@ def test_hot_layouts_rent_before_they_buy_and_stay_bounded():
         assert dynamic <= 4
     assert dynamic >= 3  # 0.4 s run dynamic (0.3 and a little more if sleep overshoots)
     assert hot.hot == {"a": 10} and "a" not in hot.spent
-    assert 0 <= hot.compile_s < 0.05  # re-measured: the first static call cost its run (0.05 s) and no more
+    assert 0 <= hot.compile_s < 0.15  # re-measured (not the pinned 0.2): the first static call cost its run
     hot.compile_s = 0.0  # as if compiling were free: promoted once seen run dynamic
     assert call("c", 95, 0.01) is False and call("c", 95, 0.01) is False  # 10 + 95 > 100 patches
     assert call("d", 50, 0.01) is False
