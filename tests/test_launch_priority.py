@@ -16,15 +16,15 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="thread prioriti
 RUNTIME_THREADS = ("ActorThread", "KernelThread", "infer_queue", "resize_queue", "launch_queue", "bprop_queue")
 
 
-def threads():
-    """[(thread id, name, nice)] for the threads of this process (one that ends meanwhile is left out)."""
+def threads(pid="self"):
+    """[(thread id, name, nice)] for the threads of process `pid` (one that ends meanwhile is left out)."""
     from mindone_qwen2vl.launch_priority import thread_nice
 
     out = []
-    for tid in os.listdir("/proc/self/task"):
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                out.append((int(tid), f.read().strip(), thread_nice(int(tid))))
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out.append((int(tid), f.read().strip(), thread_nice(int(tid), pid)))
         except FileNotFoundError:
             pass
     return out

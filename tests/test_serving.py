@@ -340,12 +340,11 @@ def test_launch_nice_lowers_the_engine_thread_only(tmp_path):
         client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         assert ask(client, "Say something.").choices[0].message.content
         assert ask(client, [image_part("2.jpg"), {"type": "text", "text": "What is this?"}]).choices[0].message.content
-        from mindone_qwen2vl.launch_priority import thread_nice
+        from test_launch_priority import threads
 
         nices = {}
-        for tid in os.listdir(f"/proc/{proc.pid}/task"):
-            with open(f"/proc/{proc.pid}/task/{tid}/comm") as f:
-                nices.setdefault(thread_nice(int(tid), proc.pid), []).append(f.read().strip())
+        for _, name, nice in threads(proc.pid):
+            nices.setdefault(nice, []).append(name)
         base = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits this process's priority
         assert len(nices.get(10, [])) == 1, nices
         assert set(nices) == {base, 10}, nices
