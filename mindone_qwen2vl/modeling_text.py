@@ -14,7 +14,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import MASK_MIN, SCORES_BUDGET, decode_attention, flash_kernel, prompt_attention, query_blocks
+from . import attention
+from .attention import (CAUSAL_BLOCK_COUNTS, MASK_MIN, causal_blocks, causal_edges, causal_prompt_attention,
+                        decode_attention, flash_kernel, prompt_attention, query_blocks)
 from .config import Qwen2VLTextConfig
 from .graphs import Step, dynamic, like
 from .kernels import PortableKernels, kernels_for, rotate_half_matrix, split
@@ -200,12 +202,16 @@ class DecoderAttendStep(Step):
     mask: additive float32 [H, Sq, S], one per query head (per_head_mask), or [1, Sq, S] broadcast over the
     heads in the graph. A per-head mask is built once per prompt and serves every layer: on the CPU backend
     broadcasting a [1417, 1417] mask to 4 heads took 4.5 ms of a 37 ms step, at every layer.
+
+    blocks > 1: the positions attend in that many causal blocks (attention.causal_prompt_attention); the
+    arguments after `rows` are then (rows, keys, mask) per block instead of one mask.
     """
 
-    def __init__(self, layer: Qwen2VLDecoderLayer, per_head_mask: bool):
+    def __init__(self, layer: Qwen2VLDecoderLayer, per_head_mask: bool, blocks=1):
         super().__init__()
         self.layer = layer
         self.per_head_mask = per_head_mask
+        self.blocks = blocks
         self.kv_index = None
 
     def specs(self):
@@ -215,14 +221,23 @@ class DecoderAttendStep(Step):
         self.kv_index = Tensor(np.arange(attn.num_heads, dtype=np.int32) // (attn.num_heads // attn.num_kv_heads))
         dtype, d = w.q_weight.dtype, attn.head_dim
         kv = dynamic((attn.num_kv_heads, None, d), dtype)
+        rows = dynamic((None,), ms.int32)
         mask = dynamic((attn.num_heads if self.per_head_mask else 1, None, None))
+        masks = (mask,) if self.blocks == 1 else (rows, rows, mask) * self.blocks
         return (dynamic((None, w.o_weight.shape[0]), dtype), dynamic((attn.num_heads, None, d), dtype), kv, kv,
-                dynamic((None,), ms.int32), mask, *like(w))
+                rows, *masks, *like(w))
 
-    def construct(self, x, q, k, v, rows, mask, *weights):
+    def construct(self, x, q, k, v, rows, *rest):
         layer = self.layer
-        out = prompt_attention(ops.gather(q, rows, 1), k, v, mask, self.kv_index, layer.attn_implementation,
-                               layer.flash_dtype, layer.flash_kernel, self.per_head_mask)
+        if self.blocks == 1:
+            mask, weights = rest[0], rest[1:]
+            out = prompt_attention(ops.gather(q, rows, 1), k, v, mask, self.kv_index, layer.attn_implementation,
+                                   layer.flash_dtype, layer.flash_kernel, self.per_head_mask)
+        else:
+            n = 3 * self.blocks
+            blocks = tuple(rest[i:i + 3] for i in range(0, n, 3))
+            weights = rest[n:]
+            out = causal_prompt_attention(q, k, v, blocks, self.kv_index, self.per_head_mask)
         return layer.finish(ops.gather(x, rows, 0), out, weights)
 
 
@@ -273,6 +288,9 @@ class Qwen2VLTextModel(nn.Cell):
                      project=DecoderProjectStep(self.layers[0], self.rotary_rows),
                      attend=DecoderAttendStep(self.layers[0], per_head_mask=True),
                      attend_shared_mask=DecoderAttendStep(self.layers[0], per_head_mask=False))
+        for n in CAUSAL_BLOCK_COUNTS:
+            steps[f"attend.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=True, blocks=n)
+            steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
         object.__setattr__(self, "steps", steps)
 
     def rotary_rows(self):
@@ -302,26 +320,41 @@ class Qwen2VLTextModel(nn.Cell):
         cos, sin = self.steps["rotary"](Tensor(np.asarray(position_ids, np.int32).reshape(3, 1, s)))
         keep = int(keep_last) if 0 < int(keep_last) < s else s
         heads, impl = self.layers[0].self_attn.num_heads, self.policy.attn_implementation
-        mask = np.where(np.arange(s)[None, :] <= np.arange(s)[:, None], 0.0, MASK_MIN).astype(np.float32)
         every = query_blocks(s, s, heads, impl)
         last = [(s - keep + a, s - keep + z) for a, z in query_blocks(keep, s, heads, impl)]
-        # Masks for every head when those of all the blocks fit the attention budget (eager attention only).
-        per_head = impl == "eager" and len(set(every + last)) * heads * max(z - a for a, z in every) * s * 4 <= \
-            SCORES_BUDGET
-        attend = self.steps["attend"] if per_head else self.steps["attend_shared_mask"]
+        calls = {(a, z): causal_blocks(z - a, z, heads, impl) for a, z in every + last}  # -> blocks in the call
+
+        def parts(a, z):  # [(query range, keys attended)] of the blocks of the call over the queries a..z-1
+            n = calls[a, z]
+            return [((a, z), s)] if n == 1 else [((b, e), e) for b, e in causal_edges(a, z, n)]
+
+        # Masks for every head when those of all the calls fit the attention budget (eager attention only).
+        per_head = impl == "eager" and \
+            sum(heads * (e - b) * m * 4 for call in calls for (b, e), m in parts(*call)) <= attention.SCORES_BUDGET
         made = {}
 
-        def block(a, z):  # (rows, mask rows) of query positions a..z-1, made once per prompt
+        def inputs(a, z):  # the attend step of the queries a..z-1 and its host inputs, made once per prompt
             if (a, z) not in made:
-                m = np.broadcast_to(mask[a:z], (heads if per_head else 1, z - a, s))
-                made[a, z] = (Tensor(np.arange(a, z, dtype=np.int32)), Tensor(np.ascontiguousarray(m)))
+                n = calls[a, z]
+                args = [Tensor(np.arange(a, z, dtype=np.int32))]
+                for (b, e), m in parts(a, z):
+                    mask = np.where(np.arange(m)[None, :] <= np.arange(b, e)[:, None], 0.0, MASK_MIN)
+                    mask = np.broadcast_to(mask.astype(np.float32), (heads if per_head else 1, e - b, m))
+                    if n > 1:
+                        args += [Tensor(np.arange(b, e, dtype=np.int32)), Tensor(np.arange(m, dtype=np.int32))]
+                    args.append(Tensor(np.ascontiguousarray(mask)))
+                name = ("attend" if per_head else "attend_shared_mask") + ("" if n == 1 else f".{n}")
+                made[a, z] = (self.steps[name], args)
             return made[a, z]
 
         x, kv = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             w = as_arguments(layer.weights())
             q, k, v = self.steps["project"](x, cos, sin, *w)
-            outs = [attend(x, q, k, v, *block(a, z), *w) for a, z in (last if i == len(self.layers) - 1 else every)]
+            outs = []
+            for a, z in (last if i == len(self.layers) - 1 else every):
+                attend, args = inputs(a, z)
+                outs.append(attend(x, q, k, v, *args, *w))
             x = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
             if keep_kv:
                 kv += [k, v]
