@@ -135,7 +135,7 @@ class Worker:
 
     def __init__(self, model, rows, max_len):
         self.model = model
-        self.runner = Runner(model, rows, max_len)
+        self.runner = Runner(model, rows, max_len, layerwise=False)  # the engine decodes with whole steps
         self.lengths = [n for n in (VIEW_LENGTH * 2 ** k for k in range(32)) if n < max_len] + [max_len]
         self.views = {}  # length -> DecodeOneToken over the cache's first rows and first `length` positions
         self.steps = {(rows, max_len): self.runner}  # (rows, length) -> TimedStep, once called

@@ -22,6 +22,7 @@ import numpy as np
 from mindspore import Tensor, ops
 from tqdm.auto import tqdm
 
+from . import layerwise as layerwise_decode
 from .cache import StaticCache
 from .graphs import Step
 from .inputs import check_inputs, check_second_per_grid_ts
@@ -43,6 +44,13 @@ HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repeti
 MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
+# On the CPU backend generate() first decodes a bucket layer by layer (layerwise.py). That is three small graphs
+# compiled in about 1 s, against 5.2-5.9 s for the whole-decoder step at 28 layers (development CPU, AMD EPYC).
+# A token then takes 26-30 ms against 18-21 (overhead shape). A bucket compiles its whole step before a
+# generation whose tokens, with those it has already decoded layer by layer, reach what that compilation costs
+# over what it saves per token. Until both steps have been measured in this process, that is this many tokens:
+# 5 s / (28 - 20) ms, about 600, rounded down.
+WHOLE_STEP_AFTER = 512
 
 
 def _power_of_two(n, minimum=1):
@@ -274,12 +282,13 @@ class DecodeOneToken(Step):
 
 
 class TimedStep:
-    """A decode step (DecodeOneToken) called with inputs of one shape, and what it costs (measured): its first call
-    (compilation in GRAPH_MODE, and one step) and its later steps. Several can share one step cell, one per input
-    shape it is called with."""
+    """A decode step (DecodeOneToken, layerwise.LayerwiseDecode) called with inputs of one shape, and what it
+    costs (measured): its first call (compilation in GRAPH_MODE, and one step) and its later steps. Several can
+    share one step cell, one per input shape it is called with."""
 
     def __init__(self, decode):
         self.decode = decode
+        self.calls = 0
         self.first_call_s = None  # the first call: compilation (GRAPH_MODE) and one step
         self.step_s = None  # later calls, a running average
 
@@ -288,6 +297,7 @@ class TimedStep:
         t = time.perf_counter()
         logits = self.decode(*args).asnumpy()
         elapsed = time.perf_counter() - t
+        self.calls += 1
         if self.first_call_s is None:
             self.first_call_s = elapsed
         elif self.step_s is None:
@@ -304,14 +314,29 @@ class TimedStep:
 
 
 class Runner(TimedStep):
-    """A KV cache of `rows` x `length`, the decode step over it, and what the step costs (measured)."""
+    """A KV cache of `rows` x `length`, the whole-decoder step over it (this TimedStep), and what the step costs
+    (measured). For generate() (layerwise=True), also the layer-by-layer step (`layerwise`, layerwise.py), which
+    decodes until `plan` finds that the tokens asked of the bucket make the whole step's compilation worth it."""
 
-    def __init__(self, model, rows, length):
+    def __init__(self, model, rows, length, layerwise=True):
         self.rows, self.length = rows, length
         self.cache = StaticCache(model.config.text_config, rows, length, model.policy.cache_dtype,
                                  kv_heads=model.model.layers[0].self_attn.num_kv_heads,
                                  input_dtype=model.policy.compute_dtype)
         super().__init__(DecodeOneToken(model, self.cache))
+        use = layerwise and layerwise_decode.allowed(model)
+        self.layerwise = TimedStep(layerwise_decode.LayerwiseDecode(model, self.cache)) if use else None
+        self.whole = not use  # whether generate() runs the whole step
+
+    def plan(self, new_tokens, after):
+        """Before a generation of up to `new_tokens` tokens: the whole step from now on once the layer-wise steps
+        run so far and these reach `after` (Runners.whole_step_after)."""
+        if not self.whole and self.layerwise.calls + new_tokens >= after:
+            self.whole = True
+
+    def generate_step(self, *args):
+        """One decode step of generate() -> logits as numpy: the whole step or the layer-wise one (see plan)."""
+        return self.step(*args) if self.whole else self.layerwise.step(*args)
 
 
 class Runners:
@@ -323,6 +348,9 @@ class Runners:
         self.model = model
         self.by_shape = {}
         self.rented = {}  # (rows, length) not compiled -> steps run for it in longer buckets
+        # Layer-wise tokens after which a bucket compiles its whole step; None: measured (whole_step_after).
+        # 0: the whole step from the first token.
+        self.whole_after = None
 
     def get(self, batch, needed, new_tokens=SHORT_GENERATION) -> Runner:
         """The runner for `batch` sequences of up to `needed` positions, `new_tokens` of them generated."""
@@ -331,18 +359,32 @@ class Runners:
         if key not in self.by_shape:
             longer = sorted(n for r, n in self.by_shape if r == rows and n > length)
             if longer:
-                runner = self.by_shape[rows, longer[0]]
-                budget = runner.steps_per_compilation()
+                budget = self.by_shape[rows, longer[0]].steps_per_compilation()
                 budget = SHORT_GENERATION if budget is None else budget  # not measured yet
                 rented = self.rented.get(key, 0) + new_tokens
                 if rented < budget:
                     self.rented[key] = rented
-                    return runner
+                    key = (rows, longer[0])
             elif new_tokens < SHORT_GENERATION:
                 key = (rows, cache_length(max(2 * needed, SHORT_CACHE_POSITIONS // rows)))
         if key not in self.by_shape:
             self.by_shape[key] = Runner(self.model, *key)
-        return self.by_shape[key]
+        runner = self.by_shape[key]
+        runner.plan(new_tokens, self.whole_step_after())
+        return runner
+
+    def whole_step_after(self):
+        """Layer-wise tokens of a bucket after which its whole step is worth compiling: `whole_after` if set;
+        WHOLE_STEP_AFTER until a whole step and a layer-wise one have been measured (in any buckets); then the
+        measured compilation over what the whole step saves per token."""
+        if self.whole_after is not None:
+            return self.whole_after
+        whole = [r for r in self.by_shape.values() if r.steps_per_compilation() is not None]
+        layerwise = [r.layerwise for r in self.by_shape.values() if r.layerwise and r.layerwise.step_s]
+        if not whole or not layerwise:
+            return WHOLE_STEP_AFTER
+        saved = layerwise[0].step_s - whole[0].step_s
+        return float("inf") if saved <= 0 else (whole[0].first_call_s - whole[0].step_s) / saved
 
     def steps_rented(self):
         """{(rows, length) not compiled: decode steps run for it in longer buckets so far}."""
@@ -352,6 +394,8 @@ class Runners:
         steps = {}
         for (rows, length), runner in sorted(self.by_shape.items()):
             steps[f"decode.{rows}x{length}"] = runner.decode
+            if runner.layerwise is not None:
+                steps[f"decode_layers.{rows}x{length}"] = runner.layerwise.decode
             steps[f"write.{rows}x{length}"] = runner.cache.write_prompt
         return steps
 
@@ -529,7 +573,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 break
             tokens_in[:batch] = tokens
             position[:batch] = lengths + step
-            logits = runner.step(Tensor(tokens_in), Tensor(position.astype(np.int32)),
+            logits = runner.generate_step(Tensor(tokens_in), Tensor(position.astype(np.int32)),
                                  Tensor((position + deltas).astype(np.int32)))
     finally:
         bar.close()

@@ -133,15 +133,18 @@ def test_steps_compile_once_for_any_shape(tiny_hf):
         assert out.shape[1] == case_inputs("text_only")["input_ids"].shape[1] + 40
         graphs = model.compiled_graphs()
         # Every decoder layer of the prompt ran the two shared steps: one graph each. A short generation with no
-        # bucket to run in compiles one with room for the next ones.
+        # bucket to run in compiles one with room for the next ones, and decodes it layer by layer (three
+        # graphs, layerwise.py).
         bucket = f"1x{SHORT_CACHE_POSITIONS}"
-        used = ("text.embed", "text.rotary", "text.project", "text.attend", "head", f"decode.{bucket}",
-                f"write.{bucket}")
-        assert graphs == {k: int(k in used) for k in shared + [f"decode.{bucket}", f"write.{bucket}"]}
+        used = ("text.embed", "text.rotary", "text.project", "text.attend", "head", f"write.{bucket}")
+        assert graphs == {**{k: int(k in used) for k in shared + [f"decode.{bucket}", f"write.{bucket}"]},
+                          f"decode_layers.{bucket}": 3}
         # Pin what a compilation costs in steps (measured on the fly, see test_bucket_policy_rents_before_it_buys),
-        # so that the generations below rent the bucket whatever this machine's speed.
+        # so that the generations below rent the bucket whatever this machine's speed, and decode it layer by
+        # layer (test_layerwise_and_whole_decode_match_hf covers the switch).
         model.runners.by_shape[1, SHORT_CACHE_POSITIONS].first_call_s = 10.0
         model.runners.by_shape[1, SHORT_CACHE_POSITIONS].step_s = 0.01
+        model.runners.whole_after = 10 ** 6
         # Other prompt lengths, images of several sizes, a video, forward(), a longer generation: no new graph.
         model.generate(input_ids=np.array([[5, 6, 7]]), max_new_tokens=30, eos_token_id=[])
         for case in ("image", "video"):
@@ -153,13 +156,14 @@ def test_steps_compile_once_for_any_shape(tiny_hf):
         model.generate(input_ids=np.array([[5, 6, 7, 8]]), max_new_tokens=70, eos_token_id=[])
         model(**case_inputs("image"))
         expected = {**{k: int(k not in blocked) for k in shared}, "text.attend_shared_mask": 0,
-                    f"decode.{bucket}": 1, f"write.{bucket}": 1}
+                    f"decode.{bucket}": 0, f"decode_layers.{bucket}": 3, f"write.{bucket}": 1}
         assert model.compiled_graphs() == expected
-        # A new batch size (3 rows -> 4) adds exactly its decode step and its prompt write.
+        # A new batch size (3 rows -> 4) adds exactly its decode steps and its prompt write.
         ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
         rows4 = f"4x{SHORT_CACHE_POSITIONS // 4}"
-        assert model.compiled_graphs() == {**expected, f"decode.{rows4}": 1, f"write.{rows4}": 1}
+        assert model.compiled_graphs() == {**expected, f"decode.{rows4}": 0, f"decode_layers.{rows4}": 3,
+                                           f"write.{rows4}": 1}
         # The decode step holds the model as plain attributes: a call walks no sub-cells on the host.
         runner = model.runners.by_shape[(1, SHORT_CACHE_POSITIONS)]
         assert [name for name, _ in runner.decode.cells_and_names()] == [""]
@@ -186,6 +190,45 @@ def test_bucket_policy_rents_before_it_buys(tiny_ours):
     assert runners.get(1, 1500, new_tokens=8).length == 2048
     assert runners.get(1, 200, new_tokens=500).length == 256  # 500 steps cost more than a compilation (of 512)
     assert runners.get(3, 10, new_tokens=8).rows == 4
+
+
+def test_layerwise_and_whole_decode_match_hf(tiny_hf):
+    """In GRAPH_MODE generate() decodes a bucket layer by layer (layerwise.py) until the tokens asked of it make
+    the whole-decoder step worth compiling (Runners.whole_step_after); then the bucket keeps the whole step. Both
+    give HF's greedy tokens. The switch comes before a generation, never within one. A fresh model, so that the
+    counts are this test's."""
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+    from mindone_qwen2vl.generation import WHOLE_STEP_AFTER, Runners
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
+    inputs, n = case_inputs("mixed_left_padded_batch"), 6
+    ref = hf_generate(tiny_hf[0], inputs, max_new_tokens=n)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=n), ref)
+        (key, runner), = model.runners.by_shape.items()
+        bucket = "x".join(map(str, key))
+        assert not runner.whole and runner.layerwise.calls >= n - 1 and runner.calls == 0
+        layer_steps = runner.layerwise.calls
+        model.runners.whole_after = layer_steps + n  # this generation's tokens reach it: the whole step
+        np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=n), ref)
+        assert runner.whole and runner.calls >= n - 1 and runner.layerwise.calls == layer_steps
+        graphs = model.compiled_graphs()
+        assert graphs[f"decode.{bucket}"] == 1 and graphs[f"decode_layers.{bucket}"] == 3
+        model.runners.whole_after = None  # both steps measured: their costs decide
+        lw = runner.layerwise
+        saved = lw.step_s - runner.step_s
+        expect = float("inf") if saved <= 0 else (runner.first_call_s - runner.step_s) / saved
+        assert model.runners.whole_step_after() == expect
+        # Before anything is measured: WHOLE_STEP_AFTER tokens, counting the generation about to run.
+        runners = Runners(model)
+        assert not runners.get(1, 300, new_tokens=WHOLE_STEP_AFTER - 1).whole
+        assert runners.get(1, 300, new_tokens=WHOLE_STEP_AFTER).whole
+        assert runners.get(2, 300, new_tokens=8).layerwise is not None  # every bucket starts layer by layer
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    # In PYNATIVE_MODE nothing compiles: the whole step runs from the first token.
+    assert Runners(model).get(1, 300, new_tokens=8).layerwise is None
 
 
 def test_ms_tensor_in_ms_tensor_out(tiny_ours):
