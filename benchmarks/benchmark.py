@@ -263,6 +263,9 @@ def run_worker(args):
                 lambda: model.get_vision_features(inp["pixel_values"], inp["image_grid_thw"]).asnumpy(),
                 _repeats(name, args))
         result["prefill_s"] = _median_time(lambda: model(**prompt, logits_to_keep=1).logits.asnumpy(), args.repeats)
+        # Warm figures are the steady state: the whole-decoder step from the first token, not the layer-wise steps
+        # a process decodes its first few hundred tokens with (layerwise.py; the mixed workload keeps those).
+        model.runners.whole_after = 0
         _decode(result, lambda clock: model.generate(**prompt, max_new_tokens=args.new_tokens,
                                                      min_new_tokens=args.new_tokens, do_sample=False,
                                                      streamer=clock), args.repeats)
