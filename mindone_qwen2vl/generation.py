@@ -37,10 +37,11 @@ HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repeti
 # costs hundreds of steps. Runners.get rents before it buys: a generation runs in the shortest compiled bucket
 # that holds it as long as the steps run that way for its own bucket (this one's included) stay below what a
 # compilation costs in steps of that bucket (both measured as they happen); then its own bucket is compiled.
-# Until a bucket's costs are measured, a compilation counts as SHORT_GENERATION steps. When no compiled bucket
-# holds a short generation (fewer than SHORT_GENERATION new tokens), the bucket compiled has room to spare (twice the need, and SHORT_CACHE_POSITIONS shared by the rows), so that the next short
-# requests fit it: in a stream of 32 requests of 27 to 2154 prompt tokens and 8 new tokens, one decode
-# compilation instead of five.
+# Until a bucket's costs are measured, a compilation counts as SHORT_GENERATION steps (WHOLE_STEP_AFTER while
+# the bucket decodes layer by layer, see below). When no compiled bucket holds a short generation (fewer than
+# SHORT_GENERATION new tokens), the bucket compiled has room to spare (twice the need, and SHORT_CACHE_POSITIONS
+# shared by the rows), so that the next short requests fit it: in a stream of 32 requests of 27 to 2154 prompt
+# tokens and 8 new tokens, one decode compilation instead of five.
 MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
@@ -359,8 +360,13 @@ class Runners:
         if key not in self.by_shape:
             longer = sorted(n for r, n in self.by_shape if r == rows and n > length)
             if longer:
-                budget = self.by_shape[rows, longer[0]].steps_per_compilation()
-                budget = SHORT_GENERATION if budget is None else budget  # not measured yet
+                holder = self.by_shape[rows, longer[0]]
+                budget = holder.steps_per_compilation()
+                if budget is None:  # its whole step not measured yet
+                    # A bucket that decodes layer by layer: a bucket of its own would cost layer-wise graphs now
+                    # and a whole step later. With 64 steps for them, a stream of 32 short requests bought a
+                    # second bucket at the 30th.
+                    budget = SHORT_GENERATION if holder.layerwise is None else WHOLE_STEP_AFTER
                 rented = self.rented.get(key, 0) + new_tokens
                 if rented < budget:
                     self.rented[key] = rented

@@ -225,6 +225,13 @@ def test_layerwise_and_whole_decode_match_hf(tiny_hf):
         assert not runners.get(1, 300, new_tokens=WHOLE_STEP_AFTER - 1).whole
         assert runners.get(1, 300, new_tokens=WHOLE_STEP_AFTER).whole
         assert runners.get(2, 300, new_tokens=8).layerwise is not None  # every bucket starts layer by layer
+        # A short generation rents a longer bucket that decodes layer by layer for WHOLE_STEP_AFTER steps (its
+        # whole step is not measured) before its own bucket is made.
+        big = runners.get(1, 900, new_tokens=8)
+        assert big.length == 4096 and not big.whole
+        for _ in range(WHOLE_STEP_AFTER // 8 - 1):
+            assert runners.get(1, 1500, new_tokens=8) is big
+        assert runners.get(1, 1500, new_tokens=8).length == 2048
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     # In PYNATIVE_MODE nothing compiles: the whole step runs from the first token.

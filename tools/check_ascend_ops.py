@@ -211,6 +211,8 @@ def graph_calls(model_type, policy, folder):
     model.runners.by_shape[(2, 64)] = runner
     found = {}
     for name, step in model.graphs().items():
+        if name.startswith("decode_layers."):
+            continue  # the layer-wise decode runs on the CPU backend only (layerwise.allowed); same ops as decode.
         if name.startswith("decode."):
             args = tuple(Tensor(np.array([5, 6], np.int32)) for _ in range(3))
         else:
