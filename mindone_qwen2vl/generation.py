@@ -46,11 +46,12 @@ MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
 # On the CPU backend generate() first decodes a bucket layer by layer (layerwise.py). That is three small graphs
-# compiled in about 1 s, against 5.2-5.9 s for the whole-decoder step at 28 layers (development CPU, AMD EPYC).
-# A token then takes 26-30 ms against 18-21 (overhead shape). A bucket compiles its whole step before a
-# generation whose tokens, with those it has already decoded layer by layer, reach what that compilation costs
-# over what it saves per token. Until both steps have been measured in this process, that is this many tokens:
-# 5 s / (28 - 20) ms, about 600, rounded down.
+# compiled in about 1 s, against 5.2-6.2 s for the whole-decoder step at 28 layers (development CPU, AMD EPYC).
+# A token then takes about 6-8 ms more than with the whole step (overhead shape: 33-35 ms against 27-29 in the
+# same processes). A bucket compiles its whole step before a generation whose tokens, with those it has already
+# decoded layer by layer, reach what that compilation costs over what it saves per token. Until both steps have
+# been measured in this process, that is this many tokens: 5 s / 8 ms is about 600; rounded down, towards the
+# whole step.
 WHOLE_STEP_AFTER = 512
 
 

@@ -1,14 +1,16 @@
 """Decoding layer by layer: generate()'s decode step while a bucket has decoded few tokens.
 
 The whole-decoder step (generation.DecodeOneToken) is one graph of every layer. Its compilation grows with the
-depth: 5.2-5.9 s at 28 layers on the development CPU (AMD EPYC, 2 cores), most of a fresh process's first
+depth: 5.2-6.2 s at 28 layers on the development CPU (AMD EPYC, 2 cores), most of a fresh process's first
 request. Layer by layer, three small graphs do the same work:
-- `DecodeInputs`: the token's embedding, rotary tables and cache mask;
+- `DecodeInputs`: the token's embedding, rotary tables, cache mask and cache rows;
 - `DecodeLayer`: one decoder layer, with that layer's weights and cache as arguments, called for each layer;
-- `DecodeOutput`: the final norm and head, and the cache writes.
+- `DecodeOutput`: the final norm and the head.
 
 They compile in about 1 s together, and a token then costs 30 calls instead of one. At the `overhead` shape
-that is 27-29 ms a token against 18-21 ms (34 ms without the calls' fast path, graphs.Step.fixed_shapes). A generation of a few tokens finishes long before the whole step's
+that is 6-8 ms more a token than the whole step (33-35 ms against 27-29 in the same processes). The calls'
+fast path (graphs.Step.fixed_shapes) saves about 5 ms of that. More layers a call do not close the gap
+(docs/benchmarks.md, twelfth session). A generation of a few tokens finishes long before the whole step's
 compilation would have paid for itself. generation.Runner switches a bucket to the whole step once the tokens
 asked of it make that compilation worth it.
 
