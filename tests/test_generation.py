@@ -167,6 +167,10 @@ def test_steps_compile_once_for_any_shape(tiny_hf):
         # The decode step holds the model as plain attributes: a call walks no sub-cells on the host.
         runner = model.runners.by_shape[(1, SHORT_CACHE_POSITIONS)]
         assert [name for name, _ in runner.decode.cells_and_names()] == [""]
+        # Steps whose one graph serves every call take MindSpore's fast call path after the first (graphs.Step);
+        # the whole decode step, a cell the engine calls with several row counts, does not.
+        assert model.model.steps["project"].phase == "increment" and runner.layerwise.decode.layer.phase == "increment"
+        assert runner.decode.phase != "increment"
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
