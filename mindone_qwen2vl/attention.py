@@ -38,24 +38,19 @@ def query_blocks(queries, length, rows, impl="eager"):
 # Causal blocks in one graph (eager only). Measured on the development CPU (AMD EPYC, 2 cores), one prompt
 # attention of 4 heads x 16 dims, in ms, as one block / 8 blocks / 16 blocks: 500 positions 1.8 / 5.2 / 6.4,
 # 1000: 9.0 / 7.1 / 8.8, 2000: 35.5 / 19.9 / 19.3, 4000: 124 / 69 / 48. Each block costs its own kernels (about
-# 0.4 ms on that CPU), so short prompts stay one block; beyond CAUSAL_FROM bytes of scores, the fewest blocks
-# whose scores are at most CAUSAL_BLOCK_BYTES each (the count is a constant of the compiled graph, so only these
-# few counts exist).
-CAUSAL_FROM = 8 * 2 ** 20
-CAUSAL_BLOCK_BYTES = 2 * 2 ** 20
-CAUSAL_BLOCK_COUNTS = (8, 16)
+# 0.4 ms on that CPU), so a call stays one block up to CAUSAL_FROM bytes of scores (1000 positions at 4 heads),
+# and takes CAUSAL_BLOCKS beyond. One count only: the count is a constant of the compiled graph, and every
+# count is one more graph to compile (8 blocks would gain about 2 ms a layer around 1000 positions).
+CAUSAL_FROM = 16 * 2 ** 20
+CAUSAL_BLOCKS = 16
 
 
 def causal_blocks(queries, length, rows, impl="eager"):
     """How many causal blocks one call of the prompt attention takes for `queries` queries over `length` keys
-    (`rows` = heads): 1 (a single block over all the keys) or one of CAUSAL_BLOCK_COUNTS."""
-    if impl == "flash_attention_2":
+    (`rows` = heads): 1 (a single block over all the keys) or CAUSAL_BLOCKS."""
+    if impl == "flash_attention_2" or queries < CAUSAL_BLOCKS or rows * queries * length * 4 <= CAUSAL_FROM:
         return 1
-    scores = rows * queries * length * 4
-    if scores <= CAUSAL_FROM:
-        return 1
-    count = next((n for n in CAUSAL_BLOCK_COUNTS if scores / 2 / n <= CAUSAL_BLOCK_BYTES), CAUSAL_BLOCK_COUNTS[-1])
-    return count if count <= queries else 1
+    return CAUSAL_BLOCKS
 
 
 def causal_edges(start, stop, count):

@@ -15,7 +15,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from . import attention
-from .attention import (CAUSAL_BLOCK_COUNTS, MASK_MIN, causal_blocks, causal_edges, causal_prompt_attention,
+from .attention import (CAUSAL_BLOCKS, MASK_MIN, causal_blocks, causal_edges, causal_prompt_attention,
                         decode_attention, flash_kernel, prompt_attention, query_blocks)
 from .config import Qwen2VLTextConfig
 from .graphs import Step, dynamic, like
@@ -288,10 +288,11 @@ class Qwen2VLTextModel(nn.Cell):
                      project=DecoderProjectStep(self.layers[0], self.rotary_rows),
                      attend=DecoderAttendStep(self.layers[0], per_head_mask=True),
                      attend_shared_mask=DecoderAttendStep(self.layers[0], per_head_mask=False))
-        for n in CAUSAL_BLOCK_COUNTS:
-            steps[f"attend.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=True, blocks=n)
-            steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
+        n = CAUSAL_BLOCKS
+        steps[f"attend.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=True, blocks=n)
+        steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
         object.__setattr__(self, "steps", steps)
+        self.causal_compiled = False  # whether a prompt has compiled the causal-block step (see prompt)
 
     def rotary_rows(self):
         attn = self.layers[0].self_attn
@@ -324,33 +325,50 @@ class Qwen2VLTextModel(nn.Cell):
         last = [(s - keep + a, s - keep + z) for a, z in query_blocks(keep, s, heads, impl)]
         calls = {(a, z): causal_blocks(z - a, z, heads, impl) for a, z in every + last}  # -> blocks in the call
 
-        def parts(a, z):  # [(query range, keys attended)] of the blocks of the call over the queries a..z-1
-            n = calls[a, z]
+        def parts(a, z, n):  # [(query range, keys attended)] of the n blocks of a call over the queries a..z-1
             return [((a, z), s)] if n == 1 else [((b, e), e) for b, e in causal_edges(a, z, n)]
 
         # Masks for every head when those of all the calls fit the attention budget (eager attention only).
         per_head = impl == "eager" and \
-            sum(heads * (e - b) * m * 4 for call in calls for (b, e), m in parts(*call)) <= attention.SCORES_BUDGET
+            sum(heads * (e - b) * m * 4 for call, n in calls.items() for (b, e), m in parts(*call, n)) <= \
+            attention.SCORES_BUDGET
+
+        def call_args(a, z, n, per_head):  # host inputs of a call over the queries a..z-1 in n blocks
+            args = [Tensor(np.arange(a, z, dtype=np.int32))]
+            for (b, e), m in parts(a, z, n):
+                mask = np.where(np.arange(m)[None, :] <= np.arange(b, e)[:, None], 0.0, MASK_MIN)
+                mask = np.broadcast_to(mask.astype(np.float32), (heads if per_head else 1, e - b, m))
+                if n > 1:
+                    args += [Tensor(np.arange(b, e, dtype=np.int32)), Tensor(np.arange(m, dtype=np.int32))]
+                args.append(Tensor(np.ascontiguousarray(mask)))
+            return args
+
         made = {}
 
         def inputs(a, z):  # the attend step of the queries a..z-1 and its host inputs, made once per prompt
             if (a, z) not in made:
                 n = calls[a, z]
-                args = [Tensor(np.arange(a, z, dtype=np.int32))]
-                for (b, e), m in parts(a, z):
-                    mask = np.where(np.arange(m)[None, :] <= np.arange(b, e)[:, None], 0.0, MASK_MIN)
-                    mask = np.broadcast_to(mask.astype(np.float32), (heads if per_head else 1, e - b, m))
-                    if n > 1:
-                        args += [Tensor(np.arange(b, e, dtype=np.int32)), Tensor(np.arange(m, dtype=np.int32))]
-                    args.append(Tensor(np.ascontiguousarray(mask)))
                 name = ("attend" if per_head else "attend_shared_mask") + ("" if n == 1 else f".{n}")
-                made[a, z] = (self.steps[name], args)
+                made[a, z] = (self.steps[name], call_args(a, z, n, per_head))
             return made[a, z]
+
+        # The first prompt long enough for causal blocks also compiles their step (run once, its result unused),
+        # so that the first long prompt later does not pay that compilation: in the mixed stream it made the 3rd
+        # request three times the median.
+        warm = None
+        if not self.causal_compiled and impl == "eager" and s >= CAUSAL_BLOCKS and \
+                ms.get_context("mode") == ms.GRAPH_MODE:
+            self.causal_compiled = True
+            if CAUSAL_BLOCKS not in calls.values():
+                warm = (self.steps[f"attend.{CAUSAL_BLOCKS}"], call_args(0, s, CAUSAL_BLOCKS, True))
 
         x, kv = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             w = as_arguments(layer.weights())
             q, k, v = self.steps["project"](x, cos, sin, *w)
+            if warm is not None:
+                warm[0](x, q, k, v, *warm[1], *w)
+                warm = None
             outs = []
             for a, z in (last if i == len(self.layers) - 1 else every):
                 attend, args = inputs(a, z)

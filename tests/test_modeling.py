@@ -213,25 +213,30 @@ def test_prompt_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch,
     assert (blocked.argmax(-1) == ref.argmax(-1))[mask.astype(bool)].all()
 
 
-@pytest.mark.parametrize("blocks,host_rows", [(8, None), (16, None), (8, 10)])
-def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch, blocks, host_rows):
+@pytest.mark.parametrize("case,host_rows", [("mixed_left_padded_batch", None), ("long_text", 20)])
+def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch, case, host_rows):
     """A long prompt attends in causal blocks within one graph, each block over the keys up to its own last
-    position: the logits equal one block's and HF's, with per-head masks and, inside the host's query blocks
-    (host_rows), with masks shared by the heads; greedy generation through it equals HF's."""
+    position: the logits equal one block's and HF's, with per-head masks (a padded batch, whose 17-token row
+    takes the blocks) and, inside the host's query blocks (host_rows), with masks shared by the heads; greedy
+    generation through it equals HF's."""
     from mindone_qwen2vl import attention
     from test_generation import hf_generate
 
-    inputs = case_inputs("mixed_left_padded_batch")
+    n = attention.CAUSAL_BLOCKS
+    if case == "long_text":
+        ids = np.arange(5, 45)[None]
+        inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids))
+    else:
+        inputs = case_inputs(case)
     whole = tiny_ours(**inputs).logits.asnumpy()
     seq = inputs["input_ids"].shape[1]
     heads = tiny_ours.config.text_config.num_attention_heads
     monkeypatch.setattr(attention, "CAUSAL_FROM", 0)
-    monkeypatch.setattr(attention, "CAUSAL_BLOCK_BYTES", 2 ** 30 if blocks == 8 else 0)
     if host_rows:
         monkeypatch.setattr(attention, "SCORES_BUDGET", heads * seq * 4 * host_rows)
-        assert attention.query_blocks(seq, seq, heads)[0] == (0, host_rows)
-    assert attention.causal_blocks(host_rows or seq, host_rows or seq, heads) == blocks
-    assert attention.causal_blocks(3, 3, heads) == 1  # fewer queries than blocks: one block
+        assert attention.query_blocks(seq, seq, heads) == [(0, host_rows), (host_rows, seq)]
+    assert attention.causal_blocks(host_rows or seq, host_rows or seq, heads) == n
+    assert attention.causal_blocks(n - 1, n - 1, heads) == 1  # fewer queries than blocks: one block
     blocked = tiny_ours(**inputs).logits.asnumpy()
     mask = inputs["attention_mask"]
     assert rel_err(blocked, whole, mask) < 1e-5
@@ -239,7 +244,7 @@ def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch
     assert rel_err(blocked, ref, mask) < TOL
     assert (blocked.argmax(-1) == ref.argmax(-1))[mask.astype(bool)].all()
     if ms_mode == "graph":
-        step = f"text.attend{'_shared_mask' if host_rows else ''}.{blocks}"
+        step = f"text.attend{'_shared_mask' if host_rows else ''}.{n}"
         assert tiny_ours.compiled_graphs()[step] == 1
         ours = tiny_ours.generate(**inputs, max_new_tokens=4)
         np.testing.assert_array_equal(ours, hf_generate(tiny_hf[0], inputs, max_new_tokens=4))
