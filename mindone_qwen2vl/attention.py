@@ -164,4 +164,3 @@ def decode_attention(q, k, v, mask, impl="eager", flash_dtype=ms.float16, kernel
     scores = _bmm_t(q.reshape(b, kv_heads, n_rep, d), k).astype(ms.float32) + mask
     out = _bmm(_softmax_fp32(scores, q.dtype), v)
     return out.reshape(b, heads * d)
-
