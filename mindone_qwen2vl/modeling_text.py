@@ -292,7 +292,6 @@ class Qwen2VLTextModel(nn.Cell):
         steps[f"attend.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=True, blocks=n)
         steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
         object.__setattr__(self, "steps", steps)
-        self.causal_compiled = False  # whether a prompt has compiled the causal-block step (see prompt)
 
     def rotary_rows(self):
         attn = self.layers[0].self_attn
@@ -356,11 +355,10 @@ class Qwen2VLTextModel(nn.Cell):
         # so that the first long prompt later does not pay that compilation: in the mixed stream it made the 3rd
         # request three times the median.
         warm = None
-        if not self.causal_compiled and impl == "eager" and s >= CAUSAL_BLOCKS and \
-                ms.get_context("mode") == ms.GRAPH_MODE:
-            self.causal_compiled = True
-            if CAUSAL_BLOCKS not in calls.values():
-                warm = (self.steps[f"attend.{CAUSAL_BLOCKS}"], call_args(0, s, CAUSAL_BLOCKS, True))
+        causal = self.steps[f"attend.{CAUSAL_BLOCKS}"]
+        if impl == "eager" and s >= CAUSAL_BLOCKS and ms.get_context("mode") == ms.GRAPH_MODE and \
+                causal.compiled() == 0 and CAUSAL_BLOCKS not in calls.values():
+            warm = (causal, call_args(0, s, CAUSAL_BLOCKS, True))
 
         x, kv = inputs_embeds, []
         for i, layer in enumerate(self.layers):
