@@ -19,6 +19,9 @@ sizes, 200 to 1400 px a side; some requests with two images, some with a video, 
 varied length), greedy with `--new_tokens` (default 8) new tokens each, one after the other from a fresh
 process. Per runner: startup (load), each request's time, their total, median and 95th percentile, the
 requests slower than 3x the median, the graphs compiled (ours), RSS after the 10th and the last request.
+`--passes 2` sends the stream again in the same process and reports that pass beside the first: its total, the
+graphs it compiled, and how far RSS rose above its level after the first pass (what a workload costs once its
+graphs exist and its largest inputs have run).
 """
 import argparse
 import json
@@ -328,7 +331,7 @@ def run_mixed_worker(args):
     with np.load(args.inputs) as data:
         count = int(data["count"])
         requests = [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")} for i in range(count)]
-    result = {"runner": args.worker, "requests": []}
+    result = {"runner": args.worker, "requests": [], "passes": args.passes}
     t = time.perf_counter()
     if args.worker == "hf":
         import torch
@@ -350,14 +353,19 @@ def run_mixed_worker(args):
         def generate(inputs):
             model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     result["load_s"] = time.perf_counter() - t
-    for i, inputs in enumerate(requests):
-        t = time.perf_counter()
-        generate(inputs)
-        entry = {"s": time.perf_counter() - t, "rss_mb": _rss_mb(), "prompt_tokens": int(inputs["input_ids"].shape[1])}
-        if args.worker != "hf":
-            entry["graphs"] = sum(model.compiled_graphs().values())
-        result["requests"].append(entry)
-        print(f"  [{args.worker}] request {i + 1}/{count}: {entry['s']:.2f} s", file=sys.stderr, flush=True)
+    for again in range(args.passes):
+        entries = []
+        for i, inputs in enumerate(requests):
+            t = time.perf_counter()
+            generate(inputs)
+            entry = {"s": time.perf_counter() - t, "rss_mb": _rss_mb(),
+                     "prompt_tokens": int(inputs["input_ids"].shape[1])}
+            if args.worker != "hf":
+                entry["graphs"] = sum(model.compiled_graphs().values())
+            entries.append(entry)
+            print(f"  [{args.worker}] pass {again + 1}, request {i + 1}/{count}: {entry['s']:.2f} s", file=sys.stderr,
+                  flush=True)
+        result["requests" if again == 0 else f"pass_{again + 1}"] = entries
     result["peak_rss_mb"] = _peak_rss_mb()
     with open(args.out, "w") as f:
         json.dump(result, f)
@@ -376,12 +384,21 @@ def mixed_summary(result):
     if "graphs" in result["requests"][0]:
         out["graphs"] = result["requests"][-1]["graphs"]
         out["graphs_by_request"] = [r["graphs"] for r in result["requests"]]
+    last = result.get(f"pass_{result.get('passes', 1)}")
+    if last:  # the stream sent again (--passes): measured against the end of the pass before it
+        before = result.get(f"pass_{result['passes'] - 1}", result["requests"])
+        out["again_total_s"] = float(sum(r["s"] for r in last))
+        out["again_rss_rise_mb"] = max(r["rss_mb"] for r in last) - before[-1]["rss_mb"]
+        if "graphs" in last[0]:
+            out["again_graphs"] = last[-1]["graphs"] - before[-1]["graphs"]
     return out
 
 
 MIXED_COLUMNS = [("load_s", "startup s"), ("first_s", "1st request s"), ("total_s", "total s"),
                  ("median_s", "median s"), ("p95_s", "p95 s"), ("graphs", "graphs compiled"),
                  ("rss_10th_mb", "RSS after 10th MB"), ("rss_last_mb", "RSS after last MB")]
+AGAIN_COLUMNS = [("again_total_s", "again: total s"), ("again_graphs", "again: graphs"),
+                 ("again_rss_rise_mb", "again: RSS rise MB")]
 
 
 # ------------------------------------------------------------------------------------------------ parent
@@ -413,7 +430,7 @@ def _run(runner, args, folder, inputs_path):
         out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", runner, "--ckpt", folder, "--out", out,
            "--inputs", inputs_path, "--workload", args.workload, "--shape", args.shape,
-           "--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--passes", str(args.passes),
            "--skip_vision", ",".join(args.skip_vision), "--launch_nice", str(args.launch_nice)]
     print(f"[{args.shape}, {args.workload}] running {runner} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=dict(os.environ))
@@ -435,6 +452,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--requests", type=int, default=32, help="mixed: requests in the stream")
     p.add_argument("--seed", type=int, default=0, help="mixed: the stream's seed")
+    p.add_argument("--passes", type=int, default=1, choices=range(1, 10), metavar="N",
+                   help="mixed: send the stream N times in each process (the summary adds the last pass)")
     p.add_argument("--skip_vision", default="", help="comma-separated image sizes to skip, e.g. 1372x2044")
     p.add_argument("--launch_nice", type=int, default=0, choices=range(20), metavar="N",
                    help="ours (CPU): run the model from a thread at nice N (the scripts' opt-in); default 0: off")
@@ -471,7 +490,7 @@ def main(argv=None):
     if mixed:
         info["requests"] = [{"kind": kind, "media": what} for kind, what, _ in requests]
         info["summary"] = [mixed_summary(r) for r in results]
-        print(table(info["summary"], MIXED_COLUMNS))
+        print(table(info["summary"], MIXED_COLUMNS + (AGAIN_COLUMNS if args.passes > 1 else [])))
         for s in info["summary"]:
             print(f"{s['runner']}: requests slower than 3x the median after the first: {s['slow_after_first'] or 'none'}"
                   + (f"; graphs compiled after each request: {s['graphs_by_request']}" if "graphs" in s else ""))

@@ -37,12 +37,13 @@ def test_warm_workload_reports_both_runners(tmp_path):
 
 
 def test_mixed_workload_reports_each_request(tmp_path):
-    info, stdout = run(tmp_path, "--workload", "mixed", "--requests", "4", "--seed", "3")
+    info, stdout = run(tmp_path, "--workload", "mixed", "--requests", "4", "--seed", "3", "--passes", "2")
     assert info["workload"] == "mixed" and info["new_tokens"] == 8 and len(info["requests"]) == 4
     summary = {s["runner"]: s for s in info["summary"]}
     assert sorted(summary) == ["graph", "hf"]
     for r in info["results"]:
         assert len(r["requests"]) == 4 and all(q["s"] > 0 and q["rss_mb"] > 0 for q in r["requests"])
+        assert len(r["pass_2"]) == 4 and all(q["s"] > 0 and q["rss_mb"] > 0 for q in r["pass_2"])
         # Both runners saw the same prompts.
         assert [q["prompt_tokens"] for q in r["requests"]] == [q["prompt_tokens"] for q in info["results"][0]["requests"]]
     for s in summary.values():
@@ -50,6 +51,11 @@ def test_mixed_workload_reports_each_request(tmp_path):
     graphs = summary["graph"]["graphs_by_request"]
     assert graphs == sorted(graphs) and 0 < graphs[-1] <= 20  # compiled graphs only accumulate, and few
     assert "graphs" not in summary["hf"]
+    # The stream sent again compiles nothing: its graphs exist after the first pass.
+    assert summary["graph"]["again_graphs"] == 0 and "again_graphs" not in summary["hf"]
+    for s in summary.values():
+        assert s["again_total_s"] > 0 and math.isfinite(s["again_rss_rise_mb"])
+    assert "again: total s" in stdout
     rows = [line for line in stdout.splitlines() if line.startswith("| graph |") or line.startswith("| hf |")]
     assert len(rows) == 2, stdout
 
