@@ -2,12 +2,13 @@
 
 The whole-decoder step (generation.DecodeOneToken) is one graph of every layer. Its compilation grows with the
 depth: 5.2-6.2 s at 28 layers on the development CPU (AMD EPYC, 2 cores), most of a fresh process's first
-request. Layer by layer, three small graphs do the same work:
+request. Layer by layer, two small graphs and the prompt's head do the same work:
 - `DecodeInputs`: the token's embedding, rotary tables, cache mask and cache rows;
 - `DecodeLayer`: one decoder layer, with that layer's weights and cache as arguments, called for each layer;
-- `DecodeOutput`: the final norm and the head.
+- the model's `head` step (the final norm and lm_head for any number of rows), which every prompt compiles
+  anyway: a head of the bucket's own would be one more compilation, about 0.3 s at `overhead`.
 
-They compile in about 1 s together, and a token then costs 30 calls instead of one. At the `overhead` shape
+The two compile in under 1 s together, and a token then costs 30 calls instead of one. At the `overhead` shape
 that is 6-8 ms more a token than the whole step (33-35 ms against 27-29 in the same processes). The calls'
 fast path (graphs.Step.fixed_shapes) saves about 5 ms of that. More layers a call do not close the gap
 (docs/benchmarks.md, twelfth session). A generation of a few tokens finishes long before the whole step's
@@ -84,20 +85,6 @@ class DecodeLayer(Step):
         return layer.finish(x, out, weights)
 
 
-class DecodeOutput(Step):
-    """The last layer's output [B, hidden] -> float32 logits [B, V]."""
-
-    fixed_shapes = True  # one bucket's shapes: graphs.Step
-
-    def __init__(self, model):
-        super().__init__()
-        object.__setattr__(self, "text", model.model)
-        object.__setattr__(self, "lm_head", model.lm_head)
-
-    def construct(self, x):
-        return self.lm_head(self.text.norm(x)).astype(ms.float32)
-
-
 class LayerArguments:
     """A layer's weights as step arguments (layers.as_arguments), made again only when a parameter's memory has
     changed (Parameter.set_data gives it new memory; the arguments share the old one). Checking costs about
@@ -121,7 +108,7 @@ class LayerwiseDecode:
         layers = model.model.layers
         self.inputs = DecodeInputs(model, cache)
         self.layer = DecodeLayer(layers[0], cache.layers[0].shape)
-        self.output = DecodeOutput(model)
+        self.output = model.head  # shared with the prompt: not this bucket's graph
         self.weights = [LayerArguments(layer) for layer in layers]
         # The caches as arguments: views of the Parameters' memory (in-place writes never give them new memory).
         self.caches = [(Tensor(c.key), Tensor(c.value)) for c in cache.layers]
@@ -133,4 +120,4 @@ class LayerwiseDecode:
         return self.output(x)
 
     def compiled(self):
-        return self.inputs.compiled() + self.layer.compiled() + self.output.compiled()
+        return self.inputs.compiled() + self.layer.compiled()
