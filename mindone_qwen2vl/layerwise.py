@@ -8,7 +8,7 @@ request. Layer by layer, two small graphs and the prompt's head do the same work
 - the model's `head` step (the final norm and lm_head for any number of rows), which every prompt compiles
   anyway: a head of the bucket's own would be one more compilation, about 0.3 s at `overhead`.
 
-The two compile in under 1 s together, and a token then costs 30 calls instead of one. At the `overhead` shape
+The two compile in about 1 s together (0.41 and 0.61 s at `overhead`), and a token then costs 30 calls instead of one. At the `overhead` shape
 that is 6-8 ms more a token than the whole step (33-35 ms against 27-29 in the same processes). The calls'
 fast path (graphs.Step.fixed_shapes) saves about 5 ms of that. More layers a call do not close the gap
 (docs/benchmarks.md, twelfth session). A generation of a few tokens finishes long before the whole step's
@@ -17,7 +17,8 @@ asked of it make that compilation worth it.
 
 A layer step gets its layer's cache as arguments that share the cache Parameters' memory, and writes the token's
 key and value into them in place (ScatterUpdate) before attending, as the whole step writes the Parameters:
-the same kernels in the same order, so the logits are bit-identical to the whole step's. Writing into a graph
+the same kernels in the same order, so the logits are bit-identical to the whole step's (the shared head step is
+a dynamic-shape graph, and still gives the same bits; tests/test_generation.py checks both). Writing into a graph
 argument in place is what the MindSpore 2.10 CPU backend does (tests/test_generation.py checks every token
 against HF); on other backends the whole step runs (`allowed`).
 

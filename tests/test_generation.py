@@ -222,6 +222,13 @@ def test_layerwise_and_whole_decode_match_hf(tiny_hf):
         assert runner.whole and runner.calls >= n - 1 and runner.layerwise.calls == layer_steps
         graphs = model.compiled_graphs()
         assert graphs[f"decode.{bucket}"] == 1 and graphs[f"decode_layers.{bucket}"] == 2
+        # The same token at the same position through both steps: bit-identical logits (each writes the same key
+        # and value into the cache before attending, so the second call sees what the first left).
+        rows = runner.rows
+        step_args = [ms.Tensor(np.full(rows, v, np.int32)) for v in (7, 20, 20)]
+        layer_logits = runner.layerwise.decode(*step_args).asnumpy()
+        np.testing.assert_array_equal(runner.decode(*step_args).asnumpy(), layer_logits)
+        np.testing.assert_array_equal(runner.layerwise.decode(*step_args).asnumpy(), layer_logits)
         model.runners.whole_after = None  # both steps measured: their costs decide
         lw = runner.layerwise
         saved = lw.step_s - runner.step_s
