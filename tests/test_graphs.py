@@ -150,3 +150,55 @@ def test_a_layout_whose_static_graphs_fail_goes_back_to_the_dynamic_ones():
 
     with pytest.raises(ValueError, match="bad input"):
         hot.run("b", 10, broken)
+
+
+def test_a_compiling_call_collects_only_new_objects():
+    """MindSpore runs a full gc.collect() before each compilation; a step's compiling calls set the process's
+    objects aside for it (graphs.new_objects_collected_only) and put them back after. Objects someone else froze
+    stay frozen."""
+    import gc
+
+    from mindone_qwen2vl.graphs import Step, dynamic
+    from mindspore import Tensor
+
+    class Double(Step):
+        def specs(self):
+            return (dynamic((None,)),)
+
+        def construct(self, x):
+            return x * 2.0
+
+    class Triple(Step):  # static shapes: every call may compile
+        def construct(self, x):
+            return x * 3.0
+
+    seen = []  # objects set aside during each full collection
+
+    def watch(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            seen.append(gc.get_freeze_count())
+
+    x = Tensor(np.ones(5, np.float32))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    gc.callbacks.append(watch)
+    try:
+        assert gc.get_freeze_count() == 0
+        double, triple = Double(), Triple()
+        np.testing.assert_array_equal(double(x).asnumpy(), np.full(5, 2.0, np.float32))
+        assert seen and min(seen) > 10000, seen  # MindSpore's collection ran with the process set aside
+        assert gc.get_freeze_count() == 0  # and everything is back
+        seen.clear()
+        double(x)  # compiled: the fast path, no collection
+        assert not seen
+        np.testing.assert_array_equal(triple(Tensor(np.ones(7, np.float32))).asnumpy(), np.full(7, 3.0, np.float32))
+        assert seen and min(seen) > 10000 and gc.get_freeze_count() == 0
+        # Frozen by someone else: left as it is.
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        triple(Tensor(np.ones(9, np.float32)))  # a new shape: compiles
+        assert seen and gc.get_freeze_count() > frozen // 2  # still frozen (a few of them freed since)
+    finally:
+        gc.unfreeze()
+        gc.callbacks.remove(watch)
+        ms.set_context(mode=ms.PYNATIVE_MODE)
