@@ -36,7 +36,11 @@ def new_objects_collected_only():
     (AMD EPYC development CPU). The objects that exist when a call begins are set aside (`gc.freeze`), so that a
     collection during it walks only the ones made since; they are put back when it ends (`gc.unfreeze`), and the
     collector is then as it was, with every object it tracked. Nothing is set aside when something else has
-    frozen objects already (a pre-fork server, say): putting them back would undo that."""
+    frozen objects already (a pre-fork server, say): putting them back would undo that.
+
+    Only for calls that may compile (`_first_of_its_shapes`): putting the objects back moves the young ones to the
+    oldest generation and restarts the young generation's count, so around every call of a decode loop the
+    collector would rarely run."""
     if gc.get_freeze_count():
         yield
         return
@@ -45,6 +49,16 @@ def new_objects_collected_only():
         yield
     finally:
         gc.unfreeze()
+
+
+def _first_of_its_shapes(seen, args):
+    """Whether a call with these arguments is the first with their shapes and dtypes (then recorded in `seen`):
+    the calls after it run the graph it compiled."""
+    key = tuple((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a) for a in args)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def dynamic(shape, dtype=ms.float32):
@@ -79,6 +93,7 @@ class Step(nn.Cell):
     def __init__(self):
         super().__init__(auto_prefix=False)  # a step holds cells of the model: it must not rename parameters
         self.declared = False
+        self.shapes_seen = set()
 
     def specs(self):
         return None
@@ -93,6 +108,8 @@ class Step(nn.Cell):
             self.declared = True
         elif self.phase == "increment":
             return super().__call__(*args)  # compiled at the first call, never again
+        if not _first_of_its_shapes(self.shapes_seen, args):
+            return super().__call__(*args)
         with new_objects_collected_only():  # a call that may compile (see there)
             return super().__call__(*args)
 
@@ -115,8 +132,11 @@ class _StaticTwin(nn.Cell):
     def __init__(self, step):
         super().__init__(auto_prefix=False)
         object.__setattr__(self, "step", step)
+        self.shapes_seen = set()
 
     def __call__(self, *args):
+        if not _first_of_its_shapes(self.shapes_seen, args):
+            return super().__call__(*args)
         with new_objects_collected_only():  # a new shape compiles
             return super().__call__(*args)
 
