@@ -46,7 +46,7 @@ MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
 # On the CPU backend generate() first decodes a bucket layer by layer (layerwise.py). That is two small graphs
-# of its own (and the prompt's head step), compiled in about 1 s, against 5.2-6.2 s for the whole-decoder step at
+# of its own (and the prompt's head step), compiled in about 0.5 s, against 5.2-6.2 s for the whole-decoder step at
 # 28 layers (development CPU, AMD EPYC).
 # A token then takes about 6-8 ms more than with the whole step (overhead shape: 33-35 ms against 27-29 in the
 # same processes). A bucket compiles its whole step before a generation whose tokens, with those it has already

@@ -6,13 +6,13 @@ request. Layer by layer, two small graphs and the prompt's head do the same work
 - `DecodeInputs`: the token's embedding, rotary tables, cache mask and cache rows;
 - `DecodeLayer`: one decoder layer, with that layer's weights and cache as arguments, called for each layer;
 - the model's `head` step (the final norm and lm_head for any number of rows), which every prompt compiles
-  anyway: a head of the bucket's own would be one more compilation, about 0.3 s at `overhead`.
+  anyway: a head of the bucket's own would be one more compilation, about 0.1 s at `overhead`.
 
-The two compile in about 1 s together (0.41 and 0.61 s at `overhead`), and a token then costs 30 calls instead of one. At the `overhead` shape
-that is 6-8 ms more a token than the whole step (33-35 ms against 27-29 in the same processes). The calls'
-fast path (graphs.Step.fixed_shapes) saves about 5 ms of that. More layers a call do not close the gap
-(docs/benchmarks.md, twelfth session). A generation of a few tokens finishes long before the whole step's
-compilation would have paid for itself. generation.Runner switches a bucket to the whole step once the tokens
+The two compile in about 0.5 s together (0.16 and 0.33 s at `overhead`), and a token then costs 30 calls
+instead of one. At the `overhead` shape that is 6-8 ms more a token than the whole step (33-35 ms against 27-29
+in the same processes). The calls' fast path (graphs.Step.fixed_shapes) saves about 5 ms of that. More layers
+a call do not close the gap (docs/benchmarks.md, twelfth session). A generation of a few tokens finishes long
+before the whole step's compilation would have paid for itself. generation.Runner switches a bucket to the whole step once the tokens
 asked of it make that compilation worth it.
 
 A layer step gets its layer's cache as arguments that share the cache Parameters' memory, and writes the token's
