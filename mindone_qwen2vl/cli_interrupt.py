@@ -9,11 +9,16 @@ other thread exists (a new thread inherits its creator's mask, so every later th
 watcher thread takes it with ``sigwait``: no handler of anyone's runs, and the watcher raises KeyboardInterrupt
 in the main thread as Python's own handler would.
 
+A Ctrl-C during a graph compilation waits for it to end (graphs.compiling): MindSpore's compiler runs Python
+code, and a KeyboardInterrupt raised there is caught in its C++, logged with a traceback, and raised again. A
+second Ctrl-C does not wait.
+
 Only the scripts call this, first thing: importing the package changes nothing in the process. A child made by
 Python's fork (multiprocessing) gets SIGINT back unblocked; a program started with exec inherits the blocked
 mask (none of the scripts starts one).
 """
 import signal
+import sys
 import threading
 
 __all__ = ["route_ctrl_c_to_main_thread"]
@@ -25,7 +30,7 @@ def route_ctrl_c_to_main_thread() -> bool:
     Left alone (False): platforms without ``pthread_sigmask``, calls from another thread, and processes where
     SIGINT is not Python's default (ignored in a background job, or a handler of the caller's).
     """
-    if not (hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigwait")):
+    if not all(hasattr(signal, name) for name in ("pthread_sigmask", "sigwait", "sigtimedwait")):
         return False
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -40,7 +45,14 @@ def route_ctrl_c_to_main_thread() -> bool:
     def watch():
         while True:
             signal.sigwait({signal.SIGINT})
+            while _compiling() and signal.sigtimedwait({signal.SIGINT}, 0.05) is None:
+                pass  # until the compilation ends, or a second Ctrl-C
             _thread.interrupt_main()  # as if SIGINT reached the main thread: KeyboardInterrupt there
 
     threading.Thread(target=watch, name="ctrl-c", daemon=True).start()
     return True
+
+
+def _compiling():
+    graphs = sys.modules.get("mindone_qwen2vl.graphs")  # not imported: nothing compiles
+    return graphs is not None and graphs.compiling()

@@ -51,6 +51,27 @@ def new_objects_collected_only():
         gc.unfreeze()
 
 
+_compiling = 0  # calls that may compile, running now (see compiling)
+
+
+def compiling():
+    """Whether a call that may compile is running. A KeyboardInterrupt raised while MindSpore's graph compiler runs
+    Python code is caught there, logged with its traceback, and raised again: cli_interrupt waits for this to
+    end before it interrupts the scripts."""
+    return _compiling > 0
+
+
+@contextlib.contextmanager
+def _may_compile():
+    global _compiling
+    _compiling += 1
+    try:
+        with new_objects_collected_only():
+            yield
+    finally:
+        _compiling -= 1
+
+
 def _first_of_its_shapes(seen, args):
     """Whether a call with these arguments is the first with their shapes and dtypes (then recorded in `seen`):
     the calls after it run the graph it compiled."""
@@ -110,7 +131,7 @@ class Step(nn.Cell):
             return super().__call__(*args)  # compiled at the first call, never again
         if not _first_of_its_shapes(self.shapes_seen, args):
             return super().__call__(*args)
-        with new_objects_collected_only():  # a call that may compile (see there)
+        with _may_compile():
             return super().__call__(*args)
 
     def compiled(self):
@@ -137,7 +158,7 @@ class _StaticTwin(nn.Cell):
     def __call__(self, *args):
         if not _first_of_its_shapes(self.shapes_seen, args):
             return super().__call__(*args)
-        with new_objects_collected_only():  # a new shape compiles
+        with _may_compile():  # a new shape compiles
             return super().__call__(*args)
 
     def construct(self, *args):

@@ -155,10 +155,10 @@ def test_a_layout_whose_static_graphs_fail_goes_back_to_the_dynamic_ones():
 def test_a_compiling_call_collects_only_new_objects():
     """MindSpore runs a full gc.collect() before each compilation; a step's compiling calls set the process's
     objects aside for it (graphs.new_objects_collected_only) and put them back after. Objects someone else froze
-    stay frozen."""
+    stay frozen. graphs.compiling() says when such a call runs (cli_interrupt waits for it)."""
     import gc
 
-    from mindone_qwen2vl.graphs import Step, dynamic
+    from mindone_qwen2vl.graphs import Step, compiling, dynamic
     from mindspore import Tensor
 
     class Double(Step):
@@ -173,10 +173,12 @@ def test_a_compiling_call_collects_only_new_objects():
             return x * 3.0
 
     seen = []  # objects set aside during each full collection
+    during = []  # compiling() then
 
     def watch(phase, info):
         if phase == "start" and info["generation"] == 2:
             seen.append(gc.get_freeze_count())
+            during.append(compiling())
 
     x = Tensor(np.ones(5, np.float32))
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -187,6 +189,7 @@ def test_a_compiling_call_collects_only_new_objects():
         np.testing.assert_array_equal(double(x).asnumpy(), np.full(5, 2.0, np.float32))
         assert seen and min(seen) > 10000, seen  # MindSpore's collection ran with the process set aside
         assert gc.get_freeze_count() == 0  # and everything is back
+        assert during and all(during) and not compiling()
         seen.clear()
         double(x)  # compiled: the fast path, no collection
         assert not seen
