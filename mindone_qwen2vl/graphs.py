@@ -38,7 +38,7 @@ def new_objects_collected_only():
     collector is then as it was, with every object it tracked. Nothing is set aside when something else has
     frozen objects already (a pre-fork server, say): putting them back would undo that.
 
-    Only for calls that may compile (`_first_of_its_shapes`): putting the objects back moves the young ones to the
+    Only for calls that may compile (`_call`): putting the objects back moves the young ones to the
     oldest generation and restarts the young generation's count, so around every call of a decode loop the
     collector would rarely run."""
     if gc.get_freeze_count():
@@ -61,25 +61,21 @@ def compiling():
     return _compiling > 0
 
 
-@contextlib.contextmanager
-def _may_compile():
+def _call(call, seen, args):
+    """call(*args) for a cell whose graphs are per shape: the first call with these arguments' shapes and dtypes
+    (recorded in `seen`) may compile, and runs as `compiling` with only new objects collected; the calls after it
+    run the graph it compiled."""
+    key = tuple((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a) for a in args)
+    if key in seen:
+        return call(*args)
+    seen.add(key)
     global _compiling
     _compiling += 1
     try:
         with new_objects_collected_only():
-            yield
+            return call(*args)
     finally:
         _compiling -= 1
-
-
-def _first_of_its_shapes(seen, args):
-    """Whether a call with these arguments is the first with their shapes and dtypes (then recorded in `seen`):
-    the calls after it run the graph it compiled."""
-    key = tuple((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a) for a in args)
-    if key in seen:
-        return False
-    seen.add(key)
-    return True
 
 
 def dynamic(shape, dtype=ms.float32):
@@ -129,10 +125,7 @@ class Step(nn.Cell):
             self.declared = True
         elif self.phase == "increment":
             return super().__call__(*args)  # compiled at the first call, never again
-        if not _first_of_its_shapes(self.shapes_seen, args):
-            return super().__call__(*args)
-        with _may_compile():
-            return super().__call__(*args)
+        return _call(super().__call__, self.shapes_seen, args)
 
     def compiled(self):
         """Graphs compiled for this step so far, its static twin's included (0 in PYNATIVE_MODE)."""
@@ -156,10 +149,7 @@ class _StaticTwin(nn.Cell):
         self.shapes_seen = set()
 
     def __call__(self, *args):
-        if not _first_of_its_shapes(self.shapes_seen, args):
-            return super().__call__(*args)
-        with _may_compile():  # a new shape compiles
-            return super().__call__(*args)
+        return _call(super().__call__, self.shapes_seen, args)  # a new shape compiles
 
     def construct(self, *args):
         return self.step.construct(*args)

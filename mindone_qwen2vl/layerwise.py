@@ -12,8 +12,8 @@ The two compile in about 0.5 s together (0.16 and 0.33 s at `overhead`), and a t
 instead of one. At the `overhead` shape that is 6-8 ms more a token than the whole step (33-35 ms against 27-29
 in the same processes). The calls' fast path (graphs.Step.fixed_shapes) saves about 5 ms of that. More layers
 a call do not close the gap (docs/benchmarks.md, twelfth session). A generation of a few tokens finishes long
-before the whole step's compilation would have paid for itself. generation.Runner switches a bucket to the whole step once the tokens
-asked of it make that compilation worth it.
+before the whole step's compilation would have paid for itself. generation.Runner switches a bucket to the whole
+step once the tokens asked of it make that compilation worth it.
 
 A layer step gets its layer's cache as arguments that share the cache Parameters' memory, and writes the token's
 key and value into them in place (ScatterUpdate) before attending, as the whole step writes the Parameters:
