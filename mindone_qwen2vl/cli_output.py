@@ -2,6 +2,7 @@
 one line each, and batch answers written atomically (a failed run never leaves half a file)."""
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -135,16 +136,42 @@ def write_answers(requests, answers, output, say):
             print(line, flush=True)
 
 
+def output_target(path):
+    """(the file ``path`` names, following symlinks; whether it is something other than a regular file that
+    exists: a device such as /dev/stdout, a FIFO)."""
+    target = os.path.realpath(path)
+    try:
+        special = not stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:
+        special = False
+    return target, special
+
+
 def write_atomically(path, lines):
-    """All lines or nothing at ``path``: a temporary file beside it, renamed over it once complete. An I/O
-    error (a full disk, a folder made read-only meanwhile) names ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """All lines or nothing at ``path``: a temporary file beside it, renamed over it once complete. A symlink's
+    target is written and the link stays. A device or a FIFO is written in place, as a shell's ``>`` would:
+    renaming a file over it would replace the device itself (as root, /dev/null or /dev/full). A new file gets
+    the mode the umask gives, an existing one keeps its own. An I/O error (a full disk, a folder made read-only
+    meanwhile) names ``path``."""
+    target, special = output_target(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        if special:
+            with open(target, "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in lines)
+            return
+        if os.path.exists(target):
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(target))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

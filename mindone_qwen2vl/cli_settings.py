@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .cli_args import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, UsageError, number_problem
+from .cli_output import output_target
 from .cli_requests import build_requests, check_item_options, with_defaults
 
 # A preset's numbers obey the rules of the flag (cli_args.NUMBERS) they stand for.
@@ -81,10 +82,16 @@ def _generation_options(args, preset):
 
 
 def _check_output(path):
-    """Before any work: the answers will be written beside ``path`` (a temporary file, then renamed)."""
-    parent = os.path.dirname(os.path.abspath(path))
+    """Before any work: the answers will be written beside ``path`` (a temporary file, then renamed), or into
+    it when it is a device or a FIFO (cli_output.write_atomically)."""
     if os.path.isdir(path):
         raise UsageError(f"--output {path!r} is a directory")
+    target, special = output_target(path)
+    if special:
+        if not os.access(target, os.W_OK):
+            raise UsageError(f"--output {path!r} is not writable")
+        return
+    parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise UsageError(f"--output {path!r}: folder {parent!r} does not exist")
     # Tried, not inferred from the permission bits: a read-only mount, an immutable folder, an ACL, or a file

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -604,6 +605,66 @@ def test_full_disk_names_the_output_and_writes_nothing(env, tmp_path, capsys, mo
     assert err.strip().splitlines()[-1] == (f"test_vqa.py: error: cannot write {output}: No space left on device "
                                             "(--debug shows the traceback)"), err
     assert os.listdir(tmp_path) == ["requests.jsonl"]
+
+
+def test_output_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
+    """--output naming a symlink: the file it points to gets the answers (keeping its mode), the link stays a link."""
+    from mindone_qwen2vl.cli_output import write_atomically
+
+    target = tmp_path / "answers.jsonl"
+    target.write_text("old\n")
+    os.chmod(target, 0o640)
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    write_atomically(str(link), ['{"line": 1}'])
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == '{"line": 1}\n' and stat.S_IMODE(os.stat(target).st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["answers.jsonl", "latest.jsonl"]
+
+
+def test_a_new_output_file_takes_the_umask(tmp_path):
+    from mindone_qwen2vl.cli_output import write_atomically
+
+    old = os.umask(0o027)
+    try:
+        write_atomically(str(tmp_path / "answers.jsonl"), ["{}"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "answers.jsonl").st_mode) == 0o640
+
+
+def test_output_to_a_fifo_is_written_into_it_and_the_fifo_stays(tmp_path, capsys):
+    """A FIFO (or a device such as /dev/stdout) is written in place, as a shell's > would: a file renamed over it
+    would replace it. --output's check accepts it without making a file beside it."""
+    from mindone_qwen2vl.cli_output import write_atomically
+    from mindone_qwen2vl.cli_settings import _check_output
+
+    fifo = tmp_path / "answers.fifo"
+    os.mkfifo(fifo)
+    _check_output(str(fifo))
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo).read()), daemon=True)
+    reader.start()
+    write_atomically(str(fifo), ['{"line": 1}', '{"line": 2}'])
+    reader.join(10)
+    assert received == ['{"line": 1}\n{"line": 2}\n']
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["answers.fifo"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node takes root")
+def test_output_to_a_device_writes_into_it_and_keeps_the_device(tmp_path):
+    """A copy of /dev/null's node (and one of /dev/full's) in a test folder: the answers go into the device, which
+    stays a device (as root, renaming a file over /dev/null replaced it); /dev/full's ENOSPC names the path."""
+    from mindone_qwen2vl.cli_output import write_atomically
+
+    null, full = tmp_path / "null", tmp_path / "full"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    write_atomically(str(null), ['{"line": 1}'])
+    assert stat.S_ISCHR(os.stat(null).st_mode)
+    with pytest.raises(OSError, match=f"cannot write {full}: No space left on device"):
+        write_atomically(str(full), ['{"line": 1}'])
+    assert stat.S_ISCHR(os.stat(full).st_mode) and sorted(os.listdir(tmp_path)) == ["full", "null"]
 
 
 @pytest.mark.parametrize("flags", [[], ["--launch_nice", "10"]], ids=["", "launch_nice"])
