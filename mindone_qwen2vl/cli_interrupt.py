@@ -10,8 +10,10 @@ watcher thread takes it with ``sigwait``: no handler of anyone's runs, and the w
 in the main thread as Python's own handler would.
 
 A Ctrl-C during a graph compilation waits for it to end (graphs.compiling): MindSpore's compiler runs Python
-code, and a KeyboardInterrupt raised there is caught in its C++, logged with a traceback, and raised again. A
-second Ctrl-C does not wait.
+code, and a KeyboardInterrupt raised there is caught in its C++, logged with a traceback, and raised again. One
+while MindSpore is being imported waits for that import to end: a KeyboardInterrupt inside ``import mindspore``
+(the scripts' first 1-1.5 s) left it half initialised, and the process then aborted at exit (SIGABRT, a fatal
+error from its C++). A second Ctrl-C does not wait.
 
 Only the scripts call this, first thing: importing the package changes nothing in the process. A child made by
 Python's fork (multiprocessing) gets SIGINT back unblocked; a program started with exec inherits the blocked
@@ -21,7 +23,7 @@ import signal
 import sys
 import threading
 
-__all__ = ["route_ctrl_c_to_main_thread"]
+__all__ = ["record_stop_signals", "route_ctrl_c_to_main_thread"]
 
 
 def route_ctrl_c_to_main_thread() -> bool:
@@ -45,14 +47,30 @@ def route_ctrl_c_to_main_thread() -> bool:
     def watch():
         while True:
             signal.sigwait({signal.SIGINT})
-            while _compiling() and signal.sigtimedwait({signal.SIGINT}, 0.05) is None:
-                pass  # until the compilation ends, or a second Ctrl-C
+            while (_compiling() or _importing_mindspore()) and signal.sigtimedwait({signal.SIGINT}, 0.02) is None:
+                pass  # until the compilation or import ends, or a second Ctrl-C
             _thread.interrupt_main()  # as if SIGINT reached the main thread: KeyboardInterrupt there
 
     threading.Thread(target=watch, name="ctrl-c", daemon=True).start()
     return True
 
 
+def record_stop_signals():
+    """SIGINT and SIGTERM noted in a list (returned) instead of acted on, until other handlers are installed: the
+    server's first step (scripts/serve.py), so that a Ctrl-C while it imports MindSpore and FastAPI stops it once
+    it can (serving.main) instead of breaking an import halfway (a traceback, exit by SIGINT)."""
+    received = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signo, frame: received.append(signo))
+    return received
+
+
 def _compiling():
     graphs = sys.modules.get("mindone_qwen2vl.graphs")  # not imported: nothing compiles
     return graphs is not None and graphs.compiling()
+
+
+def _importing_mindspore():
+    """Whether a module of MindSpore's is being imported (importlib marks its spec while the module runs)."""
+    return any(getattr(getattr(module, "__spec__", None), "_initializing", False)
+               for name, module in list(sys.modules.items()) if name.split(".", 1)[0] == "mindspore")

@@ -517,7 +517,16 @@ def follow_rank(server):
     return 0
 
 
-def main(argv=None):
+def main(argv=None, received=None):
+    """The server's command line; `received`: the list cli_interrupt.record_stop_signals keeps, when the caller
+    set it up before its imports (scripts/serve.py)."""
+    from .cli_interrupt import record_stop_signals
+
+    # uvicorn handles SIGINT and SIGTERM while it runs, then raises the signal again for the handlers it found.
+    # Those are these, so that the process goes on to stop the engine and exit 0. (On the CPU backend MindSpore
+    # turns Ctrl-C into SIGTERM, which is why both count.)
+    if received is None:
+        received = record_stop_signals()
     args = parse_args(argv)
     from .default_model import RANDOM_WEIGHTS_NOTICE, default_checkpoint
     from .loading import resolve_folder
@@ -551,7 +560,7 @@ def main(argv=None):
     def load():
         try:
             server.load()
-            if server.ready:
+            if server.ready and not received:
                 print(f"serving {server.name} at http://{args.host}:{args.port}/v1 (ready)", flush=True)
         except Exception as e:  # reported by /health and on stderr; the server keeps answering 503
             server.failed = f"{type(e).__name__}: {e}"
@@ -571,12 +580,9 @@ def main(argv=None):
                 threading.Thread(target=server.engine.stop, daemon=True).start()
             super().handle_exit(sig, frame)
 
-    # uvicorn handles SIGINT and SIGTERM while it runs, then raises the signal again for the handlers it found.
-    # Those are ours, so that the process goes on to stop the engine and exit 0. (On the CPU backend MindSpore
-    # turns Ctrl-C into SIGTERM, which is why both count.)
-    received = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signo, frame: received.append(signo))
+    if received:  # stopped before anything was loaded
+        print("serve.py: stopped", file=sys.stderr)
+        return 0
     threading.Thread(target=load, daemon=True).start()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
     Uvicorn(config).run()

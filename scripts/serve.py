@@ -9,9 +9,14 @@ Without --model_name_or_path a tiny model with random weights answers (meaningle
 """
 import sys
 
-import mindspore  # noqa: F401  (before anything that may import decord: the other order aborts the process)
+# First: a Ctrl-C while MindSpore and FastAPI are imported stops the server once it can (cli_interrupt.py).
+from mindone_qwen2vl.cli_interrupt import record_stop_signals
 
-from mindone_qwen2vl.serving import main
+received = record_stop_signals()
+
+import mindspore  # noqa: E402,F401  (before anything that may import decord: the other order aborts the process)
+
+from mindone_qwen2vl.serving import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(received=received))

@@ -667,6 +667,29 @@ def test_output_to_a_device_writes_into_it_and_keeps_the_device(tmp_path):
     assert stat.S_ISCHR(os.stat(full).st_mode) and sorted(os.listdir(tmp_path)) == ["full", "null"]
 
 
+@pytest.mark.parametrize("after", [0.3, 0.8])
+def test_ctrl_c_while_the_script_imports_exits_130_with_one_line(env, after):
+    """SIGINT in the script's first second, while MindSpore is imported: the interrupt waits for the import to end,
+    then exit 130, the last line "interrupted" (the lines of a start that went on meanwhile may come before it),
+    no traceback. It used to land inside the import, and the half-imported MindSpore aborted the process at exit
+    (SIGABRT, a fatal error)."""
+    proc = subprocess.Popen([sys.executable, VQA, "--image", IMG1, "--prompt", PROMPT, "--max_new_tokens", "2"],
+                            env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [text for text in err.decode().splitlines() if text.strip()
+             and not re.match(r"\[(WARNING|INFO)\] [A-Z_]+\(\d+,", text)]
+    assert lines[-1] == "test_vqa.py: interrupted", err
+    assert not [text for text in lines if re.search("Traceback|Error|Fatal|error:", text)], err
+    assert out == b""
+
+
 @pytest.mark.parametrize("flags", [[], ["--launch_nice", "10"]], ids=["", "launch_nice"])
 def test_ctrl_c_mid_generation_exits_130_with_one_line_and_writes_nothing(env, tmp_path, flags):
     """SIGINT once tokens are being generated (graph mode, whose runtime threads install MindSpore's own SIGINT

@@ -375,6 +375,24 @@ def test_sigterm_while_loading_stops_the_server(tmp_path):
     assert "serve.py: stopped" in log.read_text()
 
 
+@pytest.mark.parametrize("after", [0.3, 0.8])
+def test_ctrl_c_while_the_server_starts_stops_it_cleanly(tmp_path, after):
+    """SIGINT while serve.py still imports MindSpore and FastAPI (its first second or so): noted, and the server
+    stops once it can, exit 0 with "stopped" and no traceback. It used to break the import halfway: a traceback
+    of a partially initialised module, exit by SIGINT."""
+    proc, log, _ = launch(tmp_path)
+    try:
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "serve.py: stopped" in text and "Traceback" not in text and "(ready)" not in text, text[-3000:]
+
+
 def test_presets_and_flags():
     from mindone_qwen2vl.serving import parse_args
 
