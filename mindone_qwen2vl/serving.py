@@ -43,7 +43,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=0, le=2 ** 63 - 1)  # numpy's generators take no negative seed
     stop: Union[str, List[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
@@ -333,7 +333,9 @@ def create_app(server: Server):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(server, requests, rid, created, started, include_usage),
                                      media_type="text/event-stream")
-        results = await asyncio.to_thread(collect, server, requests, started)
+        results = await _unless_disconnected(raw, asyncio.to_thread(collect, server, requests, started), requests)
+        if results is None:
+            return error(499, "the client closed the request", kind="client_closed")
         failed = [r for r in results if r[0] == "error"]
         if failed:
             return error(503 if isinstance(failed[0][1], EngineStopped) else 500, str(failed[0][1]),
@@ -345,6 +347,20 @@ def create_app(server: Server):
                 "choices": choices, "usage": usage}
 
     return app
+
+
+async def _unless_disconnected(raw, work, requests, every=0.5):
+    """The result of `work` (awaitable), or None when the client goes away first: its requests are then cancelled
+    (their slots free at the next step), as a stream's are."""
+    work = asyncio.ensure_future(work)
+    while not work.done():
+        await asyncio.wait({work}, timeout=every)
+        if not work.done() and await raw.is_disconnected():
+            for request in requests:
+                request.cancel()
+            await work
+            return None
+    return work.result()
 
 
 def _observe(server, request, started, first_at, last_at, count):

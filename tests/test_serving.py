@@ -138,6 +138,7 @@ ERRORS = [
     (dict(max_tokens=5000), 400, "more than the engine's 1024 positions per request"),
     (dict(temperature=3.0), 400, "temperature"),
     (dict(top_p=0.0), 400, "top_p"),
+    (dict(seed=-1, temperature=1.0), 400, "seed"),
     (dict(n=9), 400, "n"),
     (dict(logprobs=True), 400, "logprobs is not supported"),
     (dict(messages=[]), 400, "messages must end with a user or system message"),
@@ -202,6 +203,21 @@ def test_metrics_and_a_client_that_disconnects(server):
         assert time.time() < deadline, "the disconnected request kept its slot"
         time.sleep(0.2)
     assert metric(server, "mindone_qwen2vl_requests_running") == 0
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_slot(server):
+    """A non-streaming request whose client goes away (here a 1 s read timeout) is cancelled as a stream's is: it
+    used to run on to max_tokens, holding its slot."""
+    cancelled = metric(server, 'mindone_qwen2vl_requests_finished_total{finish_reason="cancelled"}')
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Go on and on."}], max_tokens=900)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.time() + 60
+    while metric(server, 'mindone_qwen2vl_requests_finished_total{finish_reason="cancelled"}') < cancelled + 1:
+        assert time.time() < deadline, "the disconnected request kept its slot"
+        time.sleep(0.2)
+    assert metric(server, "mindone_qwen2vl_requests_running") == 0
+    assert ask(server["client"], "hi", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_a_full_queue_is_a_429(server):
