@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .qwen_vl_utils.image_io import load_image
+
 MAX_CHOICES = 4
 
 
@@ -123,6 +125,11 @@ def to_conversation(messages, body, allowed_local, image_defaults=None, video_de
                 value = part.get(kind)
                 url = value.get("url") if isinstance(value, dict) else value
                 source = media_source(url, at, media, allowed_local)
+                if media == "image":  # decoded here, so that one that does not load is named by its part
+                    try:
+                        source = load_image(source)
+                    except (ValueError, OSError) as error:
+                        raise RequestError(400, f"{at}: {error}", param="messages") from None
                 parts.append({"type": media, media: source, **(image_limits if media == "image" else video_limits)})
             else:
                 raise RequestError(400, f"{at}: unknown content type {kind!r} (text, image_url or video_url)",

@@ -131,7 +131,10 @@ ERRORS = [
     (dict(messages=[{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]), 400,
      "messages[0].content[0]: unknown content type 'audio'"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.jpg"}}]}]),
-     400, "could not download image from http://127.0.0.1:9/a.jpg"),
+     400, "messages[0].content[0]: could not download image from http://127.0.0.1:9/a.jpg"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}}]}]),
+     400, "messages[0].content[1]: cannot decode image data:image/png;base64,"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]),
      400, "is outside --allowed_local_media_path"),
     (dict(messages=[{"role": "user", "content": [image_part("missing.jpg")]}]), 400, "missing.jpg"),

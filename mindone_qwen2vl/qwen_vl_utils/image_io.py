@@ -49,7 +49,9 @@ def _open(fp, name: str) -> Image.Image:
     except Image.DecompressionBombError as err:
         # PIL's own guard (Image.MAX_IMAGE_PIXELS); its message gives the sizes but not the file.
         raise ValueError(f"image {name} is too large to decode safely: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:  # PIL's message names the file object (<_io.BytesIO object at 0x...>)
+        raise ValueError(f"cannot decode image {name}: not an image format PIL reads") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot decode image {name}: {err}") from err
     return image
 
