@@ -158,7 +158,7 @@ def test_tokenize_errors(processor, tmp_path):
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "video", "path": str(tmp_path / "nope.mp4")}]}], tokenize=True
         )
-    with pytest.raises(ValueError, match=r"video .*4.mp4': nframes should in interval \[2, 150\], but got 300"):
+    with pytest.raises(ValueError, match=r"video .*4.mp4': nframes 300 is outside \[2, 150\], the video's frame count"):
         processor.apply_chat_template(conv, tokenize=True, num_frames=300)
 
 

@@ -85,10 +85,13 @@ def test_smart_nframes(ele, total, fps, expected):
 def test_smart_nframes_errors():
     with pytest.raises(ValueError, match=r"either 'fps' or 'nframes'.*not both"):
         smart_nframes({"fps": 2.0, "nframes": 4}, total_frames=150, video_fps=30.0)
-    with pytest.raises(ValueError, match=r"nframes should in interval \[2, 150\], but got 152"):
+    with pytest.raises(ValueError, match=r"^nframes 152 is outside \[2, 150\], the video's frame count$"):
         smart_nframes({"nframes": 152}, total_frames=150, video_fps=30.0)
-    with pytest.raises(ValueError, match=r"nframes should in interval \[2, 150\], but got 0"):
+    with pytest.raises(ValueError, match=r"^nframes 1 \(rounded to 0\) is outside \[2, 150\]"):
         smart_nframes({"nframes": 1}, total_frames=150, video_fps=30.0)
+    for ele in ({}, {"nframes": 2}):  # a one-frame video, whatever is asked
+        with pytest.raises(ValueError, match=r"^the video has 1 frame\(s\); sampling it takes at least 2$"):
+            smart_nframes(ele, total_frames=1, video_fps=30.0)
 
 
 # ---- frame indices: torch.linspace(start, end, n).round(), the published rule ----
@@ -241,7 +244,7 @@ def test_missing_and_undecodable_video(backend, tmp_path, monkeypatch):
 
 
 def test_nframes_outside_video_and_both_fps_and_nframes():
-    with pytest.raises(ValueError, match=r"video .*4.mp4': nframes should in interval \[2, 150\], but got 200"):
+    with pytest.raises(ValueError, match=r"video .*4.mp4': nframes 200 is outside \[2, 150\], the video's frame count"):
         fetch_video({"video": V4, "nframes": 200})
     with pytest.raises(ValueError, match=r"4.mp4': give either 'fps' or 'nframes'"):
         fetch_video({"video": V4, "nframes": 4, "fps": 1.0})

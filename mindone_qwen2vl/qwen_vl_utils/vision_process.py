@@ -153,8 +153,11 @@ def smart_nframes(ele: dict, total_frames: int, video_fps: float) -> int:
         nframes = total_frames / video_fps * fps
         nframes = min(max(nframes, min_frames), max_frames, total_frames)
         nframes = floor_by_factor(nframes, FRAME_FACTOR)
+    if total_frames < FRAME_FACTOR:
+        raise ValueError(f"the video has {total_frames} frame(s); sampling it takes at least {FRAME_FACTOR}")
     if not FRAME_FACTOR <= nframes <= total_frames:
-        raise ValueError(f"nframes should in interval [{FRAME_FACTOR}, {total_frames}], but got {nframes}.")
+        asked = f"nframes {ele['nframes']}" + (f" (rounded to {nframes})" if nframes != ele["nframes"] else "")
+        raise ValueError(f"{asked} is outside [{FRAME_FACTOR}, {total_frames}], the video's frame count")
     return nframes
 
 
