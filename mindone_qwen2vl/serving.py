@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .cli_args import PIXEL_CEILING
 from .qwen_vl_utils.image_io import load_image
 
 MAX_CHOICES = 4
@@ -53,8 +54,8 @@ class ChatRequest(BaseModel):
     # extensions, as vLLM accepts them in the body
     top_k: Optional[int] = Field(default=None, ge=0)
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
-    min_pixels: Optional[int] = Field(default=None, ge=1)
-    max_pixels: Optional[int] = Field(default=None, ge=1)
+    min_pixels: Optional[int] = Field(default=None, ge=1, le=PIXEL_CEILING)
+    max_pixels: Optional[int] = Field(default=None, ge=1, le=PIXEL_CEILING)
     fps: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
 
 
@@ -103,12 +104,21 @@ def to_conversation(messages, body, allowed_local, image_defaults=None, video_de
     given = {k: getattr(body, k) for k in ("min_pixels", "max_pixels") if getattr(body, k) is not None}
     image_limits = dict(image_defaults or {}, **given)
     video_limits = dict(video_defaults or {}, **given, **({"fps": body.fps} if body.fps is not None else {}))
+    for limits in (image_limits, video_limits):
+        low, high = limits.get("min_pixels"), limits.get("max_pixels")
+        if low is not None and high is not None and low > high:
+            said = {k: f"{limits[k]}" + ("" if k in given else " (the server's default)")
+                    for k in ("min_pixels", "max_pixels")}
+            raise RequestError(400, f"min_pixels {said['min_pixels']} is larger than max_pixels {said['max_pixels']}",
+                               param="min_pixels")
     conversation = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if message.role not in ("system", "user", "assistant"):
             raise RequestError(400, f"{where}.role: {message.role!r} is not system, user or assistant",
                                param="messages")
+        if message.content is None and message.role != "assistant":
+            raise RequestError(400, f"{where}.content: a {message.role} message needs content", param="messages")
         if message.content is None or isinstance(message.content, str):
             conversation.append({"role": message.role, "content": message.content or ""})
             continue
