@@ -87,8 +87,8 @@ def _check_conversation(messages, where):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise UsageError(f"{where}: message {n} is not an object with 'role' and 'content'")
         _unknown(message, _MESSAGE_KEYS, f"{where}: message {n}")
-        if not isinstance(message["role"], str):
-            raise UsageError(f"{where}: message {n}: role should be a string, got {type(message['role']).__name__}")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise UsageError(f"{where}: message {n}: role {message['role']!r} is not system, user or assistant")
         content = message["content"]
         if isinstance(content, list):
             bad = [k for k, item in enumerate(content, 1) if not isinstance(item, dict)]
@@ -99,6 +99,8 @@ def _check_conversation(messages, where):
         elif not isinstance(content, str):
             raise UsageError(f"{where}: message {n} has content of type {type(content).__name__} "
                              "(expected text or a list of items)")
+    if messages[-1]["role"] == "assistant":
+        raise UsageError(f"{where}: the last message is the assistant's: nothing to answer")
 
 
 def _lines(path):

@@ -317,7 +317,10 @@ BATCH_FILES = [
     (line({"type": "text", "text": "hi"}, messsages=1), "line 1 has unknown key 'messsages' (known: id, messages)"),
     (line({"type": "text", "text": "hi"}, id=[1]), "line 1: id should be a string or an integer, got [1]"),
     (line({"type": "text", "text": 5}), f"{ITEM}: text should be a string, got int"),
-    ('[{"role": 1, "content": "hi"}]\n', "line 1: message 1: role should be a string, got int"),
+    ('[{"role": 1, "content": "hi"}]\n', "line 1: message 1: role 1 is not system, user or assistant"),
+    ('[{"role": "robot", "content": "hi"}]\n', "line 1: message 1: role 'robot' is not system, user or assistant"),
+    ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]\n',
+     "line 1: the last message is the assistant's: nothing to answer"),
     (line({"type": "video", "image": IMG1}), f"{ITEM} is read as image (its keys say so) but has type 'video'"),
     (line(image(max_pixels="big")), f"{ITEM}: max_pixels: expected an integer from 1 to 25690112 (more does not "
                                     "fit the model's 32768-token context), got 'big'"),
