@@ -484,7 +484,10 @@ def test_bad_preset_numbers_are_bad_arguments(tmp_path, capsys):
     for text, message in [("min_pixels: 1000000000\n", "min_pixels: expected an integer from 1 to 25690112"),
                           ("fps: .nan\n", "fps: expected a number > 0, got nan"),
                           ("max_new_tokens: -1\n", "max_new_tokens: expected an integer from 1 to 32768"),
-                          ("video_total_pixels: 99999999999\n", "video_total_pixels: expected an integer from 1 to")]:
+                          ("video_total_pixels: 99999999999\n", "video_total_pixels: expected an integer from 1 to"),
+                          # PyYAML's message spans lines; it is one line here, the problem and where it is.
+                          ("max_new_tokens: [1, 2\n", "not valid YAML at line 2, column 1: expected ',' or ']', "
+                                                      "but got '<stream end>' (see --help)")]:
         preset = write(tmp_path / "preset.yaml", text)
         code, out, err = call("image", ["--config", preset], capsys)
         assert code == 2 and out == ""
