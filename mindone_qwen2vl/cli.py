@@ -89,8 +89,7 @@ def _run_pipeline(settings, folder, main_rank, say, t, model_cls, processor_cls)
 
     # Inputs before the model: a bad image fails in seconds, not after loading 100 GB of weights.
     t = time.perf_counter()
-    inputs = processor.apply_chat_template([r["messages"] for r in settings.requests], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True, padding=True)
+    inputs = _prepare(processor, settings.requests)
     preprocess = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -120,6 +119,28 @@ def _run_pipeline(settings, folder, main_rank, say, t, model_cls, processor_cls)
     if settings.batch and main_rank:
         write_answers(settings.requests, processor.batch_decode(new, skip_special_tokens=True), settings.output, say)
     say(format_timings(load, preprocess, start, clock, prompt_len, batch, settings.mode))
+
+
+def _prepare(processor, requests):
+    """The batch's inputs, one left-padded batch. When an image or video of a batch file does not load (its error
+    names the file), the error names the batch line too: the conversations are then tried one by one, on this
+    failure path only, to find the first that fails."""
+    conversations = [r["messages"] for r in requests]
+    try:
+        return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, padding=True)
+    except (ValueError, OSError) as error:
+        if not requests[0].get("where"):  # the command line's one conversation: the error names its file
+            raise
+        if len(requests) == 1:
+            raise ValueError(f"{requests[0]['where']}: {error}") from error
+        for request in requests:
+            try:
+                processor.apply_chat_template([request["messages"]], add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)
+            except (ValueError, OSError) as failed:
+                raise ValueError(f"{request['where']}: {failed}") from error
+        raise
 
 
 def _silent(_text):

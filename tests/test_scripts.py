@@ -403,6 +403,21 @@ def test_undecodable_image_fails_with_one_line(env, tmp_path, capsys):
     assert last.startswith("test_vqa.py: error: cannot decode image") and str(bad) in last, err
 
 
+def test_undecodable_image_in_a_batch_names_its_line(env, tmp_path, capsys):
+    """An image that exists but does not decode fails when the batch is prepared (before the model loads): the
+    error names the file and the batch line."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not a JPEG")
+    batch = write(tmp_path / "requests.jsonl", line(image(), {"type": "text", "text": "One?"})
+                  + line({"type": "image", "image": str(bad)}, {"type": "text", "text": "Two?"})
+                  + line({"type": "text", "text": "Three?"}))
+    code, out, err = call("image", ["--batch_file", batch, "--mode", "pynative", "--model_name_or_path",
+                                    env["folder"]], capsys)
+    assert code == 1 and out == "" and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"test_vqa.py: error: {batch} line 2: cannot decode image '{bad}'"), err
+
+
 def test_checkpoint_that_does_not_load_fails_with_one_line(env, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 
