@@ -30,11 +30,16 @@ def route_ctrl_c_to_main_thread() -> bool:
     """Deliver SIGINT as a KeyboardInterrupt in the main thread for the rest of the process; True if set up.
 
     Left alone (False): platforms without ``pthread_sigmask``, calls from another thread, and processes where
-    SIGINT is not Python's default (ignored in a background job, or a handler of the caller's).
+    SIGINT is not Python's default (a handler of the caller's). Where it is ignored (a background job of a
+    shell script), it is blocked instead, in this thread and so in every thread started later: MindSpore's
+    handler would otherwise end the process by SIGTERM on a SIGINT its parent meant it to ignore.
     """
     if not all(hasattr(signal, name) for name in ("pthread_sigmask", "sigwait", "sigtimedwait")):
         return False
     if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         return False
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return False

@@ -688,6 +688,31 @@ def test_output_to_a_device_writes_into_it_and_keeps_the_device(tmp_path):
     assert stat.S_ISCHR(os.stat(full).st_mode) and sorted(os.listdir(tmp_path)) == ["full", "null"]
 
 
+def test_sigint_ignored_by_the_parent_stays_ignored(env, tmp_path):
+    """A script started with SIGINT ignored (as a shell script's background job is) goes on when one arrives
+    mid-generation, and writes its answers: MindSpore's own handler used to end it by SIGTERM (exit -15)."""
+    batch = write(tmp_path / "requests.jsonl", line({"type": "text", "text": "Count to a million."}))
+    output = tmp_path / "answers.jsonl"
+    proc = subprocess.Popen([sys.executable, VQA, "--batch_file", batch, "--output", str(output),
+                             "--max_new_tokens", "120", "--mode", "graph", "--model_name_or_path", env["folder"]],
+                            env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        seen = b""
+        deadline = time.monotonic() + TIMEOUT
+        while not re.search(rb"Generating: .*\| *[1-9]\d*/120", seen):
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (proc.returncode, (seen + err).decode(errors="replace")[-2000:])
+    assert [json.loads(text)["line"] for text in output.read_text().splitlines()] == [1]
+
+
 @pytest.mark.parametrize("after", [0.3, 0.8])
 def test_ctrl_c_while_the_script_imports_exits_130_with_one_line(env, after):
     """SIGINT in the script's first second, while MindSpore is imported: the interrupt waits for the import to end,
