@@ -688,6 +688,24 @@ def test_output_to_a_device_writes_into_it_and_keeps_the_device(tmp_path):
     assert stat.S_ISCHR(os.stat(full).st_mode) and sorted(os.listdir(tmp_path)) == ["full", "null"]
 
 
+def sigint_once_generating(proc, max_new_tokens, timeout):
+    """SIGINT to a batch run (`proc`, stderr piped) once its progress bar counts a new token; then wait for it ->
+    (stderr until then, stdout, the rest of stderr)."""
+    try:
+        seen = b""
+        deadline = time.monotonic() + TIMEOUT
+        while not re.search(rb"Generating: .*\| *[1-9]\d*/%d" % max_new_tokens, seen):
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return seen, out, err
+
+
 def test_sigint_ignored_by_the_parent_stays_ignored(env, tmp_path):
     """A script started with SIGINT ignored (as a shell script's background job is) goes on when one arrives
     mid-generation, and writes its answers: MindSpore's own handler used to end it by SIGTERM (exit -15)."""
@@ -697,18 +715,7 @@ def test_sigint_ignored_by_the_parent_stays_ignored(env, tmp_path):
                              "--max_new_tokens", "120", "--mode", "graph", "--model_name_or_path", env["folder"]],
                             env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        seen = b""
-        deadline = time.monotonic() + TIMEOUT
-        while not re.search(rb"Generating: .*\| *[1-9]\d*/120", seen):
-            chunk = os.read(proc.stderr.fileno(), 65536)
-            assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")
-            seen += chunk
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen, out, err = sigint_once_generating(proc, 120, timeout=300)
     assert proc.returncode == 0, (proc.returncode, (seen + err).decode(errors="replace")[-2000:])
     assert [json.loads(text)["line"] for text in output.read_text().splitlines()] == [1]
 
@@ -747,18 +754,7 @@ def test_ctrl_c_mid_generation_exits_130_with_one_line_and_writes_nothing(env, t
                              "--max_new_tokens", "30000", "--mode", "graph", "--model_name_or_path", env["folder"],
                              *flags],
                             env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    try:
-        seen = b""
-        deadline = time.monotonic() + TIMEOUT
-        while not re.search(rb"Generating: .*\| *[1-9]\d*/30000", seen):  # the batch's bar counts a new token
-            chunk = os.read(proc.stderr.fileno(), 65536)
-            assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")
-            seen += chunk
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, out, err = sigint_once_generating(proc, 30000, timeout=120)
     assert proc.returncode == 130, (proc.returncode, err)
     # After the signal: the progress bar's last redraw, then one line.
     # MindSpore's own C++ log lines ("[WARNING] COMMON(...) ... TensorPy_pydealloc] The tensor has not complete
