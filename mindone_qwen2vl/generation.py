@@ -494,10 +494,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("use_cache=False is not supported: generation always uses the static KV cache")
     ids, mask, images, videos = check_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                              pixel_values_videos, video_grid_thw)
-    if not mask[:, -1].all():
-        rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
-        raise ValueError(f"rows {rows} of the batch end in padding: generation needs left padding "
-                         "(processor/tokenizer padding_side='left')")
     pixel_values, image_grid_thw = images or (None, None)
     pixel_values_videos, video_grid_thw = videos or (None, None)
     prompts, seq = ids.shape
@@ -505,6 +501,16 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                               max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
+    pad = options.pad_token_id
+    if attention_mask is None and pad is not None and pad not in options.eos_token_id and (ids == pad).any():
+        # As HF's generate: without a mask, the pad token marks the padding (unless it is also an end token).
+        mask = (ids != pad).astype(mask.dtype)
+        if not mask.any(-1).all():
+            raise ValueError(f"input_ids rows {np.nonzero(~mask.any(-1))[0].tolist()} hold only the pad token {pad}")
+    if not mask[:, -1].all():
+        rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
+        raise ValueError(f"rows {rows} of the batch end in padding: generation needs left padding "
+                         "(processor/tokenizer padding_side='left')")
     copies = 1 if num_return_sequences is None else num_return_sequences
     if isinstance(copies, bool) or not isinstance(copies, (int, np.integer)) or copies < 1:
         raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}")

@@ -54,6 +54,23 @@ def test_greedy_matches_hf(tiny_hf, tiny_ours, ms_mode, case):
     assert ours.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + n)
 
 
+def test_a_padded_batch_without_its_mask_is_masked_by_the_pad_token(tiny_hf, tiny_ours):
+    """Without attention_mask, generate() takes the pad token for padding, as HF's does (unless the pad token is
+    also an end token, where HF and ours take every position as real): the rows get their masked answers. They
+    used to attend to the padding as if it were text."""
+    inputs = case_inputs("mixed_left_padded_batch")
+    unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    n, eos = 4, [151645]
+    ours = tiny_ours.generate(**unmasked, max_new_tokens=n, pad_token_id=151643, eos_token_id=eos)
+    np.testing.assert_array_equal(ours, tiny_ours.generate(**inputs, max_new_tokens=n, pad_token_id=151643,
+                                                           eos_token_id=eos))
+    np.testing.assert_array_equal(ours, hf_generate(tiny_hf[0], unmasked, max_new_tokens=n, pad_token_id=151643,
+                                                    eos_token_id=eos))
+    # The pad token is also an end token: no mask is inferred, on either side.
+    both = dict(max_new_tokens=n, pad_token_id=151643, eos_token_id=[151645, 151643])
+    np.testing.assert_array_equal(tiny_ours.generate(**unmasked, **both), hf_generate(tiny_hf[0], unmasked, **both))
+
+
 def test_repetition_penalty_matches_hf(tiny_hf, tiny_ours, ms_mode):
     inputs = case_inputs("image")
     n = NEW_TOKENS[ms_mode] + 2
