@@ -125,6 +125,11 @@ def resolve_options(model, prompt_length, **given) -> GenerationOptions:
             raise ValueError(f"the prompt is {prompt_length} tokens long but max_length is {max_length}: "
                              "pass max_new_tokens (tokens to generate after the prompt)")
     max_new = _as_int(max_new, "max_new_tokens", 1, "a positive int")
+    # The static cache holds prompt and answer: a bound, checked here, rather than a failed allocation later.
+    limit = model.config.text_config.max_position_embeddings
+    if prompt_length + max_new > limit:
+        raise ValueError(f"max_new_tokens {max_new}: with the prompt's {prompt_length} tokens that is more than the "
+                         f"model's {limit} positions (max_position_embeddings)")
     min_new = _as_int(pick("min_new_tokens"), "min_new_tokens", 0, "a non-negative int")
     do_sample = bool(pick("do_sample"))
     top_k = _as_int(pick("top_k"), "top_k", 0, "a non-negative int (0 disables it)")

@@ -181,6 +181,10 @@ def test_defaults_from_generation_config_json(tiny_hf, tiny_ours, tmp_path, grap
     (dict(top_k=-1), ValueError, "top_k"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+    # More than the positions of the model (the tiny one's 32768), before the cache is allocated: it used to fail
+    # there with a MemoryError (256 GiB for 10^9 tokens).
+    (dict(max_new_tokens=10 ** 9), ValueError, "max_new_tokens 1000000000: with the prompt's 3 tokens that is more "
+                                               "than the model's 32768 positions"),
     (dict(min_new_tokens=-1), ValueError, "min_new_tokens"),
     (dict(eos_token_id="</s>"), ValueError, "eos_token_id"),
     (dict(max_new_token=5), TypeError, "max_new_token"),
