@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Union
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cli_args import PIXEL_CEILING
@@ -148,6 +149,22 @@ def to_conversation(messages, body, allowed_local, image_defaults=None, video_de
     if not conversation or conversation[-1]["role"] == "assistant":
         raise RequestError(400, "messages must end with a user or system message", param="messages")
     return conversation
+
+
+def answer_room(body, max_new_tokens, prompt_tokens, max_len):
+    """The answer's length for a prompt of `prompt_tokens`: the request's max_tokens (a 400 naming it when prompt
+    and answer exceed --max_len), else the default cut to what --max_len leaves, as vLLM does."""
+    room = max_len - prompt_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    if room < 1:
+        raise RequestError(400, f"the prompt is {prompt_tokens} tokens: no room for an answer in the server's "
+                                f"{max_len} positions per request (--max_len)", param="messages")
+    if body.max_completion_tokens or body.max_tokens:
+        if max_new_tokens > room:
+            raise RequestError(400, f"{field} {max_new_tokens}: with the prompt's {prompt_tokens} tokens that is more "
+                                    f"than the server's {max_len} positions per request (--max_len)", param=field)
+        return max_new_tokens
+    return min(max_new_tokens, room)
 
 
 def engine_options(body, max_new_tokens_default):
@@ -325,6 +342,8 @@ def create_app(server: Server):
         try:
             options, stop = engine_options(body, server.args.default_max_tokens)
             inputs = await asyncio.to_thread(server.inputs, body)
+            options["max_new_tokens"] = answer_room(body, options["max_new_tokens"],
+                                                    np.shape(inputs["input_ids"])[-1], server.args.max_len)
             requests = []
             try:
                 for i in range(body.n):

@@ -138,7 +138,9 @@ ERRORS = [
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]),
      400, "is outside --allowed_local_media_path"),
     (dict(messages=[{"role": "user", "content": [image_part("missing.jpg")]}]), 400, "missing.jpg"),
-    (dict(max_tokens=5000), 400, "more than the engine's 1024 positions per request"),
+    (dict(max_tokens=5000), 400, "max_tokens 5000: with the prompt's 20 tokens that is more than the server's 1024 "
+                                 "positions per request (--max_len)"),
+    (dict(max_tokens=10 ** 9), 400, "max_tokens 1000000000: with the prompt's"),
     (dict(temperature=3.0), 400, "temperature"),
     (dict(top_p=0.0), 400, "top_p"),
     (dict(seed=-1, temperature=1.0), 400, "seed"),
@@ -161,6 +163,19 @@ def test_errors_in_openai_format(server, change, status, message):
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
     # The server goes on serving.
     assert ask(server["client"], "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_without_max_tokens_a_long_prompt_gets_the_room_left(server):
+    """No max_tokens: the default (256) is cut to what --max_len (1024 here) leaves after the prompt, as vLLM does;
+    such a prompt used to be refused."""
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "word " * 880}])
+    r = httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + 256 > 1024
+    assert usage["completion_tokens"] <= 1024 - usage["prompt_tokens"]
+    if r.json()["choices"][0]["finish_reason"] == "length":
+        assert usage["completion_tokens"] == 1024 - usage["prompt_tokens"]
 
 
 def test_bad_body_is_a_400(server):
