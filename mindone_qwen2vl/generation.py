@@ -497,6 +497,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("generate from inputs_embeds is not supported: pass input_ids and the vision inputs")
     if not use_cache:
         raise ValueError("use_cache=False is not supported: generation always uses the static KV cache")
+    if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
+        raise TypeError(f"streamer must have put() and end() methods, as transformers' streamers do; got "
+                        f"{type(streamer).__name__}")
     ids, mask, images, videos = check_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                              pixel_values_videos, video_grid_thw)
     pixel_values, image_grid_thw = images or (None, None)

@@ -200,11 +200,14 @@ def check_inputs(config, input_ids, attention_mask=None, pixel_values=None, imag
     images and videos each None or (pixels [N, C*T*P*P] float32, grid [n, 3] int64)."""
     if input_ids is None:
         raise ValueError("input_ids is required (the processor's output: model(**inputs) / model.generate(**inputs))")
-    ids = _int_array(input_ids, "input_ids")
+    given = _array(input_ids, "input_ids")
+    if given.size == 0:  # an empty prompt comes from the processor as float64 [1, 0]
+        raise ValueError(f"input_ids is empty (shape {tuple(given.shape)}): no prompt to start from")
+    ids = _int_array(given, "input_ids")
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}")
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
     vocab = config.text_config.vocab_size
     bad = np.argwhere((ids < 0) | (ids >= vocab))
     if len(bad):

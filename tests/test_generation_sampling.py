@@ -188,6 +188,7 @@ def test_defaults_from_generation_config_json(tiny_hf, tiny_ours, tmp_path, grap
     (dict(min_new_tokens=-1), ValueError, "min_new_tokens"),
     (dict(eos_token_id="</s>"), ValueError, "eos_token_id"),
     (dict(max_new_token=5), TypeError, "max_new_token"),
+    (dict(streamer=object()), TypeError, r"streamer must have put\(\) and end\(\) methods"),
     (dict(attention_mask=np.array([[1, 1, 0]])), ValueError, "left padding"),
     (dict(attention_mask=np.array([[1, 1]])), ValueError, "attention_mask"),
 ])

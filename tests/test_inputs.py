@@ -24,7 +24,10 @@ BAD = [
      " (the vocabulary), found 1000000 at [0, 1]"),
     ("negative id", dict(input_ids=np.array([[1, -5, 3]])), "found -5 at [0, 1]"),
     ("float ids", dict(input_ids=np.array([[1.0, 2.0]])), "input_ids must hold integers, got dtype float64"),
-    ("empty prompt", dict(input_ids=np.zeros((1, 0), np.int64)), "input_ids must be [batch, seq] with seq >= 1"),
+    ("empty prompt", dict(input_ids=np.zeros((1, 0), np.int64)), "input_ids is empty (shape (1, 0))"),
+    # The processor's output for an empty text: float64 [1, 0]; the emptiness is the problem to name.
+    ("empty prompt, as the processor gives it", dict(input_ids=np.zeros((1, 0))), "input_ids is empty"),
+    ("no rows", dict(input_ids=np.zeros((0, 5), np.int64)), "input_ids is empty (shape (0, 5))"),
     ("3-D ids", dict(input_ids=np.zeros((1, 2, 3), np.int64)), "input_ids must be [batch, seq]"),
     ("mask of another shape", dict(input_ids=np.array([[1, 2, 3]]), attention_mask=np.ones((1, 2), np.int64)),
      "attention_mask must have the shape of input_ids (1, 3), got (1, 2)"),
