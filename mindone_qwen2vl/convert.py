@@ -269,6 +269,11 @@ def _target_code(dtype):
 def _check_paths(src, dst, overwrite):
     if not os.path.isdir(src):
         raise ArgumentError(f"{src}: no such folder" if not os.path.exists(src) else f"{src} is not a folder")
+    ancestor = os.path.dirname(os.path.abspath(dst))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ArgumentError(f"{dst}: {ancestor} is a file, not a folder")
     real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
     if real_dst == real_src or real_src.startswith(real_dst.rstrip(os.sep) + os.sep):
         raise ArgumentError(f"{dst}: the destination would replace the source folder {src}")
@@ -288,6 +293,15 @@ def _make_parents(folder) -> List[str]:
     for path in reversed(created):
         os.mkdir(path)
     return created
+
+
+def _remove_empty(created):
+    """The folders _make_parents created, deepest first, as long as they are empty."""
+    for folder in created:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def _publish(tmp, dst):
@@ -318,6 +332,8 @@ def convert_checkpoint(src, dst, dtype: Optional[str] = None, fmt: str = "safete
     (an existing folder replaced with `overwrite` is kept until the new one is done).
     """
     start = time.perf_counter()
+    if not os.fspath(dst):
+        raise ArgumentError("the destination is an empty path")
     src, dst = os.fspath(src), os.path.normpath(os.fspath(dst))
     target = _target_code(dtype)
     if fmt not in FORMATS:
@@ -327,7 +343,11 @@ def convert_checkpoint(src, dst, dtype: Optional[str] = None, fmt: str = "safete
     try:
         parent = os.path.dirname(os.path.abspath(dst))
         created = _make_parents(parent)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
+        try:
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
+        except OSError as e:  # a folder that takes no new folder (/proc, a read-only mount)
+            _remove_empty(created)
+            raise OSError(f"{dst}: cannot make a folder in {parent} ({e.strerror or e})") from None
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; DST should look like any folder
             expected, total_bytes, files = _write(tmp, shards, fmt, target, sharded, progress)
@@ -337,11 +357,7 @@ def convert_checkpoint(src, dst, dtype: Optional[str] = None, fmt: str = "safete
             _publish(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            for folder in created:  # deepest first; only the ones made here, and only if still empty
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    break
+            _remove_empty(created)
             raise
     finally:
         _close(shards)

@@ -424,6 +424,25 @@ def test_missing_source_is_a_bad_argument(main, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing written, not even DST's parent
 
 
+def test_destinations_that_cannot_be_made_are_named(main, sharded_src, tmp_path, capsys):
+    """A destination under a file, an empty one, and one in a folder that takes no new folder (/proc): one line
+    naming the problem, nothing made (they gave "[Errno 17] File exists", "would replace the source folder", and
+    a raw errno naming the temporary folder)."""
+    (tmp_path / "file").write_text("x")
+    under_a_file = tmp_path / "file" / "out"
+    assert main(["--src", sharded_src, "--dst", str(under_a_file), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"convert_weights: error: {under_a_file}: {tmp_path / 'file'} is a file, not a folder"]
+    assert main(["--src", sharded_src, "--dst", "", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["convert_weights: error: the destination is an empty path"]
+    if os.path.isdir("/proc/self"):
+        assert main(["--src", sharded_src, "--dst", "/proc/converted", "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("convert_weights: error: /proc/converted: cannot make a folder "
+                                                   "in /proc ("), err
+    assert os.listdir(tmp_path) == ["file"]
+
+
 @pytest.mark.parametrize("argv", [["--src", "a", "--dst", "b", "--dtype", "fp8"], ["--src", "a"],
                                   ["--src", "a", "--dst", "b", "--format", "onnx"], ["--src", "a", "--dst", "a/"]])
 def test_bad_arguments_exit_2(main, argv, capsys):
