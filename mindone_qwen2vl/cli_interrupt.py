@@ -19,11 +19,14 @@ Only the scripts call this, first thing: importing the package changes nothing i
 Python's fork (multiprocessing) gets SIGINT back unblocked; a program started with exec inherits the blocked
 mask (none of the scripts starts one).
 """
+import contextlib
 import signal
 import sys
 import threading
 
-__all__ = ["record_stop_signals", "route_ctrl_c_to_main_thread"]
+__all__ = ["interrupt_after", "record_stop_signals", "route_ctrl_c_to_main_thread"]
+
+_held = 0  # blocks of interrupt_after running
 
 
 def route_ctrl_c_to_main_thread() -> bool:
@@ -52,12 +55,41 @@ def route_ctrl_c_to_main_thread() -> bool:
     def watch():
         while True:
             signal.sigwait({signal.SIGINT})
-            while (_compiling() or _importing_mindspore()) and signal.sigtimedwait({signal.SIGINT}, 0.02) is None:
+            while (_held or _compiling() or _importing_mindspore()) and \
+                    signal.sigtimedwait({signal.SIGINT}, 0.02) is None:
                 pass  # until the compilation or import ends, or a second Ctrl-C
             _thread.interrupt_main()  # as if SIGINT reached the main thread: KeyboardInterrupt there
 
     threading.Thread(target=watch, name="ctrl-c", daemon=True).start()
     return True
+
+
+@contextlib.contextmanager
+def interrupt_after():
+    """Ctrl-C during the block takes effect when it ends (a second one at once): for a library call that catches
+    a KeyboardInterrupt and reports it as a failure of its own (MindSpore's save_checkpoint logs CRITICAL "Failed to
+    save the checkpoint file ... permission ... disk space"). In the main thread with Python's own handler, or in a
+    script routed by route_ctrl_c_to_main_thread; elsewhere it changes nothing."""
+    global _held
+    received, previous = [], None
+
+    def note(signo, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signo)
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, note)
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def record_stop_signals():

@@ -531,9 +531,12 @@ class CkptWriter:
     def __exit__(self, exc_type, *exc):
         import mindspore as ms
 
+        from .cli_interrupt import interrupt_after
+
         tensors, self._tensors = self._tensors, []
         if exc_type is None:
-            ms.save_checkpoint(tensors, self.path)
+            with interrupt_after():
+                ms.save_checkpoint(tensors, self.path)
 
 
 def _bf16_tensor(bits: np.ndarray, reinterpret=True):

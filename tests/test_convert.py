@@ -424,6 +424,34 @@ def test_missing_source_is_a_bad_argument(main, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing written, not even DST's parent
 
 
+def test_ctrl_c_during_a_ckpt_save_takes_effect_once_it_is_done(tmp_path):
+    """A SIGINT while MindSpore's save_checkpoint writes a shard is held until the save ends, then raised: the file
+    is whole. Inside the save MindSpore caught it, logged a CRITICAL line blaming permissions or disk space, and
+    left no file (convert_weights then printed that line before its own)."""
+    import signal
+    import threading
+    import time
+
+    from mindone_qwen2vl.weight_files import CkptWriter
+
+    arrays = [np.random.default_rng(i).standard_normal((2048, 4096), dtype=np.float32) for i in range(5)]  # 160 MB
+    path = str(tmp_path / "shard.ckpt")
+    writer = CkptWriter(path, [(f"w{i}", "F32", a.shape) for i, a in enumerate(arrays)])
+    for array in arrays:
+        writer.add(array)
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            timer.start()
+            writer.__exit__(None, None, None)
+            time.sleep(5)  # a save faster than the timer: the interrupt still lands in this block
+        finally:
+            timer.cancel()
+    loaded = ms.load_checkpoint(path)
+    assert sorted(loaded) == [f"w{i}" for i in range(5)]
+    np.testing.assert_array_equal(loaded["w4"].asnumpy(), arrays[4])
+
+
 def test_destinations_that_cannot_be_made_are_named(main, sharded_src, tmp_path, capsys):
     """A destination under a file, an empty one, and one in a folder that takes no new folder (/proc): one line
     naming the problem, nothing made (they gave "[Errno 17] File exists", "would replace the source folder", and
