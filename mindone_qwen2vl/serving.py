@@ -280,7 +280,18 @@ class Server:
             return self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)
         except (ValueError, OSError) as error:  # a media file or URL that does not load: the client's
-            raise RequestError(400, str(error), param="messages") from None
+            raise RequestError(400, _placed(str(error), conversation), param="messages") from None
+
+
+def _placed(message, conversation):
+    """An error about a video, prefixed with the place of the part whose source it names (images load in
+    to_conversation, where their place is known)."""
+    for i, entry in enumerate(conversation):
+        for j, part in enumerate(entry["content"] if isinstance(entry["content"], list) else ()):
+            source = part.get("video")
+            if isinstance(source, str) and source in message:
+                return f"messages[{i}].content[{j}]: {message}"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------- the app

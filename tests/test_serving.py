@@ -144,6 +144,8 @@ ERRORS = [
     (dict(temperature=3.0), 400, "temperature"),
     (dict(top_p=0.0), 400, "top_p"),
     (dict(seed=-1, temperature=1.0), 400, "seed"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "video_url", "video_url": {
+        "url": os.path.join(ASSETS, "1.jpg")}}]}]), 400, "messages[0].content[1]: video"),
     (dict(max_pixels=10 ** 12), 400, "max_pixels: Input should be less than or equal to 25690112"),
     (dict(min_pixels=5000, max_pixels=4000), 400, "min_pixels 5000 is larger than max_pixels 4000"),
     (dict(messages=[{"role": "user"}]), 400, "messages[0].content: a user message needs content"),
