@@ -460,15 +460,17 @@ def test_help_lists_the_options(capsys):
 # ---------------------------------------------------------------------------------------------- bad input (issue 19)
 def failing_run(env, tmp_path, capsys, item, *args):
     """A batch of one line with this content item, answered into --output in pynative mode:
-    (exit code, the last stderr line), after checking that stdout is empty, the error is one line without a
-    traceback, and nothing was written."""
+    (exit code, the last stderr line without the batch line it names), after checking that stdout is empty, the
+    error is one line without a traceback naming the batch line, and nothing was written."""
     batch = tmp_path / "requests.jsonl"
     batch.write_text(line(item))
     code, out, err = call("image", ["--batch_file", str(batch), "--output", str(tmp_path / "answers.jsonl"),
                                     "--mode", "pynative", "--model_name_or_path", env["folder"], *args], capsys)
     assert out == "" and "Traceback" not in err
     assert os.listdir(tmp_path) == ["requests.jsonl"]  # no answers, no temporary file
-    return code, err.strip().splitlines()[-1]
+    last, named = err.strip().splitlines()[-1], f"test_vqa.py: error: {batch} line 1: "
+    assert last.startswith(named), last
+    return code, "test_vqa.py: error: " + last[len(named):]
 
 
 def test_url_download_deadline_ends_the_run_early(env, tmp_path, capsys, monkeypatch):
