@@ -55,8 +55,7 @@ def route_ctrl_c_to_main_thread() -> bool:
     def watch():
         while True:
             signal.sigwait({signal.SIGINT})
-            while (_held or _compiling() or _importing_mindspore()) and \
-                    signal.sigtimedwait({signal.SIGINT}, 0.02) is None:
+            while _wait() and signal.sigtimedwait({signal.SIGINT}, 0.02) is None:
                 pass  # until the compilation or import ends, or a second Ctrl-C
             _thread.interrupt_main()  # as if SIGINT reached the main thread: KeyboardInterrupt there
 
@@ -102,12 +101,28 @@ def record_stop_signals():
     return received
 
 
+def _wait():
+    """Whether a Ctrl-C should wait (see the module's notes). Never raises: a watcher thread that died would lose
+    every Ctrl-C after."""
+    try:
+        return bool(_held or _compiling() or _importing_mindspore())
+    except Exception:  # noqa: BLE001 (anything: the Ctrl-C then goes through at once)
+        return False
+
+
 def _compiling():
     graphs = sys.modules.get("mindone_qwen2vl.graphs")  # not imported: nothing compiles
     return graphs is not None and graphs.compiling()
 
 
 def _importing_mindspore():
-    """Whether a module of MindSpore's is being imported (importlib marks its spec while the module runs)."""
-    return any(getattr(getattr(module, "__spec__", None), "_initializing", False)
-               for name, module in list(sys.modules.items()) if name.split(".", 1)[0] == "mindspore")
+    """Whether the main thread runs a MindSpore module's top-level code (imports it). Read from its frames only:
+    an attribute of a module object may be a lazy one that imports (the first form of this check, which asked
+    each MindSpore module's spec, sometimes lost the Ctrl-C)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and \
+                str(frame.f_globals.get("__name__", "")).split(".", 1)[0] == "mindspore":
+            return True
+        frame = frame.f_back
+    return False
