@@ -163,7 +163,10 @@ def main(kind, argv=None):
     debug = False
 
     def say(text):
-        print(f"{prog}: {text}" if text.startswith("warning:") else text, file=sys.stderr, flush=True)
+        # One write with its newline: a Ctrl-C between print's text and its newline left the line open, and the
+        # "interrupted" line was then written onto its end.
+        sys.stderr.write((f"{prog}: {text}" if text.startswith("warning:") else text) + "\n")
+        sys.stderr.flush()
 
     mode = None
     try:
