@@ -3,6 +3,8 @@
 - "eager": matmul + float32 softmax, runs everywhere (CPU and Ascend); the numerical reference.
 - "flash_attention_2": `ops.flash_attention_score` (Ascend only; see precision.py for when it is chosen), in
   the documented BNSD layout with a boolean mask of the discarded keys.
+- "sdpa": the CPU backend's fused kernel (cpu_sdpa.py, csrc/sdpa.cc), float32, for the vision tower and the
+  prompt; it never holds the scores. Decode steps (one query a row over a masked cache) stay eager.
 
 Queries arrive already multiplied by the attention scale (the rotary tables carry it). Eager attention holds
 float32 scores for every query at once, so callers with long sequences split the queries into blocks on the
@@ -20,6 +22,7 @@ from mindspore import ops
 from .kernels import broadcast
 
 SCORES_BUDGET = 256 * 2 ** 20  # bytes of float32 eager attention scores held at once
+FUSED = ("flash_attention_2", "sdpa")  # backends that never hold the scores: no query blocks
 MASK_MIN = -3.4028234663852886e38  # float32's most negative value: a key that weighs exactly 0 after softmax
 
 _bmm_t = ops.BatchMatMul(transpose_b=True)
@@ -29,7 +32,7 @@ _bmm = ops.BatchMatMul()
 def query_blocks(queries, length, rows, impl="eager"):
     """[(start, stop)] query ranges whose float32 scores (rows x block x length, `rows` = batch x heads) fit
     SCORES_BUDGET; one range when they all fit or the backend needs no blocks (flash)."""
-    if impl == "flash_attention_2":
+    if impl in FUSED:
         return [(0, queries)]
     block = max(1, min(queries, SCORES_BUDGET // max(1, rows * length * 4)))
     return [(start, min(start + block, queries)) for start in range(0, queries, block)]
@@ -48,7 +51,7 @@ CAUSAL_BLOCKS = 16
 def causal_blocks(queries, length, rows, impl="eager"):
     """How many causal blocks one call of the prompt attention takes for `queries` queries over `length` keys
     (`rows` = heads): 1 (a single block over all the keys) or CAUSAL_BLOCKS."""
-    if impl == "flash_attention_2" or queries < CAUSAL_BLOCKS or rows * queries * length * 4 <= CAUSAL_FROM:
+    if impl in FUSED or queries < CAUSAL_BLOCKS or rows * queries * length * 4 <= CAUSAL_FROM:
         return 1
     return CAUSAL_BLOCKS
 
@@ -60,8 +63,12 @@ def causal_edges(start, stop, count):
 
 
 def flash_kernel(policy):
-    """The flash kernel of a precision policy: MindSpore's, unless the policy names another one (CPU tests pass
-    an emulation of its documented semantics, tests/flash_emulation.py)."""
+    """The fused kernel of a precision policy: under "sdpa" the CPU kernels (cpu_sdpa.Kernels), else the flash
+    kernel, MindSpore's unless the policy names another one (CPU tests pass an emulation of its documented
+    semantics, tests/flash_emulation.py)."""
+    if policy.attn_implementation == "sdpa":
+        from . import cpu_sdpa
+        return cpu_sdpa.kernels()
     return policy.flash_kernel or ops.flash_attention_score
 
 
@@ -86,6 +93,10 @@ def check_flash_head_dim(d):
                          "attn_implementation='eager'")
 
 
+def _fp32(x):
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)  # the dtype test is a constant in a graph
+
+
 def _softmax_fp32(scores, dtype):
     # Scores arrive in float32 (masks hold float32's most negative value, which is -inf in fp16 and would
     # turn a fully masked padding row into NaN); softmax in float32 as HF does, then back to the compute dtype.
@@ -103,6 +114,9 @@ def frame_attention(q, k, v, impl="eager", flash_dtype=ms.float16, kernel=None):
                      v.transpose(bnsd).astype(flash_dtype), heads, scalar_value=1.0, input_layout="BNSD",
                      sparse_mode=0).astype(q.dtype)
         return out.transpose(0, 2, 1, 3).reshape(-1, heads * d)
+    if impl == "sdpa":
+        out = kernel.frame(_fp32(q), _fp32(k), _fp32(v)).astype(q.dtype)
+        return out.transpose(1, 2, 0, 3).reshape(-1, heads * d)
     out = _bmm(_softmax_fp32(_bmm_t(q, k).astype(ms.float32), q.dtype), v)
     return out.transpose(1, 2, 0, 3).reshape(-1, heads * d)
 
@@ -131,6 +145,14 @@ def prompt_attention(q, k, v, mask, kv_index, impl="eager", flash_dtype=ms.float
     scores = _bmm_t(q, kh).astype(ms.float32)
     probs = _softmax_fp32(scores + (mask if per_head_mask else broadcast(mask, scores)), q.dtype)
     return _bmm(probs, vh).transpose(1, 0, 2).reshape(-1, heads * d)
+
+
+def fused_causal_attention(q, k, v, positions, kernel):
+    """Causal attention with the CPU's fused kernel: q [H, Sq, D] at the sequence positions `positions` [Sq]
+    int32, k and v [KVH, S, D] (positions 0..S-1) -> [Sq, H * D]; query i sees the keys 0..positions[i]."""
+    heads, d = q.shape[0], q.shape[2]
+    out = kernel.causal(_fp32(q), _fp32(k), _fp32(v), positions).astype(q.dtype)
+    return out.transpose(1, 0, 2).reshape(-1, heads * d)
 
 
 def causal_prompt_attention(q, k, v, blocks, kv_index, per_head_mask=False):

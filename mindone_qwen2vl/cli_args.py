@@ -127,7 +127,7 @@ def build_parser(kind):
     m.add_argument("--config", help="preset: a YAML file or a name from configs/ (e.g. qwen2-vl-7b-instruct); "
                                     "flags override it")
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="compute dtype (default fp32)")
-    m.add_argument("--attn_implementation", choices=["eager", "flash_attention_2"],
+    m.add_argument("--attn_implementation", choices=["eager", "flash_attention_2", "sdpa"],
                    help="default: flash_attention_2 on Ascend, eager elsewhere")
     m.add_argument("--mode", choices=["pynative", "graph"], help=f"MindSpore mode (default {DEFAULT_MODE})")
     m.add_argument("--tensor_parallel", type=_number("tensor_parallel"), metavar="N",

@@ -16,7 +16,7 @@ from mindspore import Tensor, nn, ops
 
 from . import attention
 from .attention import (CAUSAL_BLOCKS, MASK_MIN, causal_blocks, causal_edges, causal_prompt_attention,
-                        decode_attention, flash_kernel, prompt_attention, query_blocks)
+                        decode_attention, flash_kernel, fused_causal_attention, prompt_attention, query_blocks)
 from .config import Qwen2VLTextConfig
 from .graphs import Step, dynamic, like
 from .kernels import PortableKernels, kernels_for, rotate_half_matrix, split
@@ -204,7 +204,8 @@ class DecoderAttendStep(Step):
     broadcasting a [1417, 1417] mask to 4 heads took 4.5 ms of a 37 ms step, at every layer.
 
     blocks > 1: the positions attend in that many causal blocks (attention.causal_prompt_attention); the
-    arguments after `rows` are then (rows, keys, mask) per block instead of one mask.
+    arguments after `rows` are then (rows, keys, mask) per block instead of one mask. blocks == 0: the fused
+    CPU kernel ("sdpa"), which needs no mask: `rows` are the queries' positions.
     """
 
     def __init__(self, layer: Qwen2VLDecoderLayer, per_head_mask: bool, blocks=1):
@@ -223,13 +224,16 @@ class DecoderAttendStep(Step):
         kv = dynamic((attn.num_kv_heads, None, d), dtype)
         rows = dynamic((None,), ms.int32)
         mask = dynamic((attn.num_heads if self.per_head_mask else 1, None, None))
-        masks = (mask,) if self.blocks == 1 else (rows, rows, mask) * self.blocks
+        masks = () if self.blocks == 0 else (mask,) if self.blocks == 1 else (rows, rows, mask) * self.blocks
         return (dynamic((None, w.o_weight.shape[0]), dtype), dynamic((attn.num_heads, None, d), dtype), kv, kv,
                 rows, *masks, *like(w))
 
     def construct(self, x, q, k, v, rows, *rest):
         layer = self.layer
-        if self.blocks == 1:
+        if self.blocks == 0:
+            weights = rest
+            out = fused_causal_attention(ops.gather(q, rows, 1), k, v, rows, layer.flash_kernel)
+        elif self.blocks == 1:
             mask, weights = rest[0], rest[1:]
             out = prompt_attention(ops.gather(q, rows, 1), k, v, mask, self.kv_index, layer.attn_implementation,
                                    layer.flash_dtype, layer.flash_kernel, self.per_head_mask)
@@ -291,6 +295,7 @@ class Qwen2VLTextModel(nn.Cell):
         n = CAUSAL_BLOCKS
         steps[f"attend.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=True, blocks=n)
         steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
+        steps["attend_fused"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=0)
         object.__setattr__(self, "steps", steps)
 
     def rotary_rows(self):
@@ -345,6 +350,8 @@ class Qwen2VLTextModel(nn.Cell):
         made = {}
 
         def inputs(a, z):  # the attend step of the queries a..z-1 and its host inputs, made once per prompt
+            if (a, z) not in made and impl == "sdpa":
+                made[a, z] = (self.steps["attend_fused"], [Tensor(np.arange(a, z, dtype=np.int32))])
             if (a, z) not in made:
                 n = calls[a, z]
                 name = ("attend" if per_head else "attend_shared_mask") + ("" if n == 1 else f".{n}")

@@ -7,8 +7,9 @@ Fixed whatever the policy (numerics that bf16/fp16 would spoil):
 Chosen by the policy:
 - compute_dtype (`mindspore_dtype`): Linear/Embedding weights and activations.
 - conv_dtype: the patch-embed Conv3d (bf16 on Ascend, where Conv3D runs in fp16/bf16 only).
-- attn_implementation: "eager" (everywhere) or "flash_attention_2" (Ascend); flash runs its q/k/v in
-  FLASH_DTYPE (fp16), the dtype its kernel is fastest and validated in.
+- attn_implementation: "eager" (everywhere), "flash_attention_2" (Ascend) or "sdpa" (the CPU backend's fused
+  kernel, cpu_sdpa.py); flash runs its q/k/v in FLASH_DTYPE (fp16), the dtype its kernel is fastest and
+  validated in; sdpa computes in float32.
 - cache_dtype: the KV cache stores keys and values in the dtype attention reads them in: the flash dtype under
   flash attention (each key is cast once when written, instead of the whole cache at every layer of every
   decode step), else the compute dtype.
@@ -24,7 +25,7 @@ import mindspore as ms
 
 FLASH_DTYPE = ms.float16
 NORM_DTYPE = ms.float32
-ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2")  # attention.py implements each
+ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2", "sdpa")  # attention.py implements each
 
 _DTYPES = {
     "fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
@@ -67,8 +68,9 @@ class PrecisionPolicy:
 
     def describe(self):
         """Module -> dtype, for logs, the README table and tests."""
-        attn = f"flash_attention_2 ({self.flash_dtype})" if self.attn_implementation == "flash_attention_2" else \
-            f"eager ({self.compute_dtype}, softmax {self.softmax_dtype})"
+        attn = {"flash_attention_2": f"flash_attention_2 ({self.flash_dtype})",
+                "sdpa": "sdpa (the fused CPU kernel, float32)"}.get(
+            self.attn_implementation, f"eager ({self.compute_dtype}, softmax {self.softmax_dtype})")
         return {
             "device": self.device,
             "linear/embedding": str(self.compute_dtype),
@@ -90,6 +92,10 @@ def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dt
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
     if device == "Ascend":
+        if attn_implementation == "sdpa":
+            warnings.warn("sdpa is the CPU backend's fused attention kernel; on Ascend the fused kernel is "
+                          "flash_attention_2: using it", stacklevel=3)
+            attn_implementation = "flash_attention_2"
         return PrecisionPolicy(dtype, conv or ms.bfloat16, attn_implementation or "flash_attention_2", device)
     if dtype == ms.bfloat16:
         warnings.warn(f"bfloat16 matmul/softmax have no {device} kernels in MindSpore: computing in float32 "
@@ -100,4 +106,13 @@ def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dt
     if attn_implementation == "flash_attention_2":
         warnings.warn(f"flash_attention_2 needs an Ascend NPU (ops.flash_attention_score has no {device} "
                       "kernel): using eager attention", stacklevel=3)
-    return PrecisionPolicy(dtype, conv, "eager", device)
+    attn = "eager"
+    if attn_implementation == "sdpa":
+        from . import cpu_sdpa
+        ok, why = cpu_sdpa.available()
+        if ok:
+            attn = "sdpa"
+        else:
+            warnings.warn(f"sdpa (the fused CPU attention kernel) is not available: {why}; using eager attention",
+                          stacklevel=3)
+    return PrecisionPolicy(dtype, conv, attn, device)

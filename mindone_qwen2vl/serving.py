@@ -512,7 +512,7 @@ def parse_args(argv=None):
                    help="a folder whose files requests may name (file:// or paths); default: none")
     p.add_argument("--mode", choices=["graph", "pynative"], default=None, help="default: the preset's, else graph")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: the preset's, else fp32")
-    p.add_argument("--attn_implementation", default=None, choices=["eager", "flash_attention_2"])
+    p.add_argument("--attn_implementation", default=None, choices=["eager", "flash_attention_2", "sdpa"])
     p.add_argument("--tensor_parallel", type=int, default=None,
                    help="cards the decoder is split over, one msrun worker each (rank 0 serves HTTP)")
     p.add_argument("--no_warmup", dest="warmup", action="store_false",
