@@ -254,7 +254,8 @@ def run_worker(args):
 
         ms.set_context(mode=ms.GRAPH_MODE if args.worker == "graph" else ms.PYNATIVE_MODE)
         t = time.perf_counter()
-        model = our_class(args.ckpt).from_pretrained(args.ckpt, progress=False)
+        model = our_class(args.ckpt).from_pretrained(args.ckpt, progress=False,
+                                                      attn_implementation=args.attn_implementation)
         result["load_s"] = time.perf_counter() - t
         _lower_launch_priority(args, result)
         for name, inp in images.items():
@@ -347,7 +348,8 @@ def run_mixed_worker(args):
         import mindspore as ms
 
         ms.set_context(mode=ms.GRAPH_MODE if args.worker == "graph" else ms.PYNATIVE_MODE)
-        model = our_class(args.ckpt).from_pretrained(args.ckpt, progress=False)
+        model = our_class(args.ckpt).from_pretrained(args.ckpt, progress=False,
+                                                      attn_implementation=args.attn_implementation)
         _lower_launch_priority(args, result)
 
         def generate(inputs):
@@ -432,6 +434,8 @@ def _run(runner, args, folder, inputs_path):
            "--inputs", inputs_path, "--workload", args.workload, "--shape", args.shape,
            "--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--passes", str(args.passes),
            "--skip_vision", ",".join(args.skip_vision), "--launch_nice", str(args.launch_nice)]
+    if args.attn_implementation:
+        cmd += ["--attn_implementation", args.attn_implementation]
     print(f"[{args.shape}, {args.workload}] running {runner} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=dict(os.environ))
     if proc.returncode != 0:
@@ -457,6 +461,8 @@ def main(argv=None):
     p.add_argument("--skip_vision", default="", help="comma-separated image sizes to skip, e.g. 1372x2044")
     p.add_argument("--launch_nice", type=int, default=0, choices=range(20), metavar="N",
                    help="ours (CPU): run the model from a thread at nice N (the scripts' opt-in); default 0: off")
+    p.add_argument("--attn_implementation", choices=["eager", "sdpa"], default=None,
+                   help="ours: the attention backend (default: the library's)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)

@@ -340,6 +340,9 @@ class VisionAttendStep(Step):
         return self.block.attend(x, q, k, v, weights)
 
 
+EMBED_ROWS = 2048  # patches a call of the patch embedding (9.6 MB of float32 pixels)
+
+
 class VisionEmbed(Step):
     """Patches and their positions -> the first block's input and the rotary tables: one graph, any N."""
 
@@ -453,8 +456,8 @@ class Qwen2VisionTransformer(nn.Cell):
         else:
             pixels = np.asarray(pixel_values, np.float32)
             # The patch embedding is row by row, so reordering its input reorders its output.
-            pixels = Tensor(pixels if plan.order is None else pixels[plan.order])
-        x, cos, sin = self.steps["embed"](pixels, Tensor(plan.rot_pos))
+            pixels = pixels if plan.order is None else pixels[plan.order]
+        x, cos, sin = self.embed(pixels, plan.rot_pos)
         layouts = {"frames": _calls(plan.frames)}
         if plan.windows is not None:
             layouts["windows"] = _calls(plan.windows)
@@ -465,6 +468,20 @@ class Qwen2VisionTransformer(nn.Cell):
                                      lambda static: self.blocks_forward(x, cos, sin, layouts, static))
         x = self.steps["merger"](x)
         return x if plan.restore is None else ops.gather(x, Tensor(plan.restore), 0)
+
+    def embed(self, pixels, rot_pos):
+        """The patch embedding and rotary tables, EMBED_ROWS patches a call: the pixels are the largest input
+        of a request (1176 floats a patch), and one call over all of them would make MindSpore's memory pool
+        keep room for the largest image seen."""
+        n = len(rot_pos)
+        if n <= EMBED_ROWS:
+            return self.steps["embed"](pixels if isinstance(pixels, Tensor) else Tensor(pixels), Tensor(rot_pos))
+        parts = []
+        for a in range(0, n, EMBED_ROWS):
+            chunk = pixels[a:a + EMBED_ROWS]
+            parts.append(self.steps["embed"](chunk if isinstance(chunk, Tensor) else Tensor(chunk),
+                                             Tensor(rot_pos[a:a + EMBED_ROWS])))
+        return tuple(ops.cat(part, 0) for part in zip(*parts))
 
     def blocks_forward(self, x, cos, sin, layouts, static):
         """The blocks, through the shared steps: dynamic, or static for this layout's shapes (HotLayouts)."""
