@@ -26,6 +26,7 @@ import threading
 import numpy as np
 from mindspore import Tensor
 
+from . import host_memory
 from .generation import DecodeOneToken, Runner, TimedStep, TokenChooser, asks_nothing, batch_rows, resolve_options
 from .inputs import check_inputs, check_second_per_grid_ts
 
@@ -371,7 +372,14 @@ class Engine:
                 from .launch_priority import lower_launch_priority
 
                 lower_launch_priority(self.launch_nice)
+            worked = False
             while True:
+                if worked:
+                    with self.cond:
+                        idle = not (self.calls or self.waiting or any(self.slots))
+                    if idle:
+                        host_memory.release_freed()  # the finished requests' freed host memory back
+                        worked = False
                 with self.cond:
                     self.cond.wait_for(lambda: self.stopping or self.calls or self.waiting or any(self.slots))
                     if self.stopping:
@@ -387,6 +395,7 @@ class Engine:
                         slot = self.slots.index(None)
                         self.slots[slot] = request  # reserved; its state comes with the prefill
                         admitted.append((slot, request))
+                worked = True
                 for call in calls:
                     call.run()
                     self.counters["calls"] += 1

@@ -13,6 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from . import host_memory
 from .config import Qwen2VLConfig
 from .graphs import Step, dynamic
 from .inputs import check_inputs, check_media, check_second_per_grid_ts, get_rope_index, to_numpy
@@ -96,6 +97,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         object.__setattr__(self, "engine", None)  # the engine.Engine serving this model, while one runs
         object.__setattr__(self, "head", HeadStep(self))
         object.__setattr__(self, "runners", Runners(self))  # generation's compiled decode steps and caches
+        if self.policy.device == "CPU":
+            host_memory.bound_primitive_cache()
 
 
     @classmethod
@@ -186,7 +189,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         """Token ids with the prompt first, like HF's generate; see generation.generate for the options."""
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        try:
+            return generate(self, input_ids, attention_mask, **kwargs)
+        finally:
+            host_memory.release_freed()  # the request's freed host memory back to the system
 
     @serialized
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

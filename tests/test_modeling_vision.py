@@ -72,6 +72,27 @@ def test_pixels_that_do_not_match_the_grid(tiny_ours):
         tiny_ours.get_vision_features(random_pixels([(1, 4, 4)]), [(1, 4, 6)])
 
 
+def test_the_patch_embedding_in_calls_is_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch):
+    """Patches embedded EMBED_ROWS at a time (the last call shorter) give the one-call features (to rounding: a
+    matmul of fewer rows may sum in another order), from numpy pixels and from a Tensor."""
+    import mindspore as ms
+
+    from mindone_qwen2vl import modeling_vision
+
+    grid = np.array([(1, 8, 12), (2, 4, 4)])
+    pixels = random_pixels(grid, seed=7)
+    whole = tiny_ours.get_vision_features(pixels, grid).asnumpy()
+    calls = []
+    step = tiny_ours.visual.steps["embed"]
+    monkeypatch.setattr(modeling_vision, "EMBED_ROWS", 40)
+    monkeypatch.setattr(tiny_ours.visual, "steps", {**tiny_ours.visual.steps,
+                                                    "embed": lambda p, r: calls.append(len(r)) or step(p, r)})
+    for given in (pixels, ms.Tensor(pixels)):
+        assert rel_err(tiny_ours.get_vision_features(given, grid).asnumpy(), whole) < 1e-6
+    assert calls == [40, 40, 40, 8] * 2  # 128 patches
+    assert rel_err(whole, hf_visual(tiny_hf[0], pixels, grid)) < 1e-5
+
+
 def test_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch):
     """Blocked eager attention (used for big images) equals the one-block result and HF."""
     from mindone_qwen2vl import attention
