@@ -128,7 +128,7 @@ def build_parser(kind):
                                     "flags override it")
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="compute dtype (default fp32)")
     m.add_argument("--attn_implementation", choices=["eager", "flash_attention_2", "sdpa"],
-                   help="default: flash_attention_2 on Ascend, eager elsewhere")
+                   help="default: flash_attention_2 on Ascend, sdpa (a fused CPU kernel) elsewhere")
     m.add_argument("--mode", choices=["pynative", "graph"], help=f"MindSpore mode (default {DEFAULT_MODE})")
     m.add_argument("--tensor_parallel", type=_number("tensor_parallel"), metavar="N",
                    help="split the decoder over N cards; launch with msrun --worker_num=N")

@@ -295,7 +295,8 @@ class Qwen2VLTextModel(nn.Cell):
         n = CAUSAL_BLOCKS
         steps[f"attend.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=True, blocks=n)
         steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
-        steps["attend_fused"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=0)
+        if policy.attn_implementation == "sdpa":
+            steps["attend_fused"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=0)
         object.__setattr__(self, "steps", steps)
 
     def rotary_rows(self):

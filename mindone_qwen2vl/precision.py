@@ -14,7 +14,8 @@ Chosen by the policy:
   flash attention (each key is cast once when written, instead of the whole cache at every layer of every
   decode step), else the compute dtype.
 On a CPU, bf16 matmul/softmax/conv and flash attention have no kernels: asking for them warns and falls back
-(bf16 -> float32, flash -> eager), never aborts.
+(bf16 -> float32, flash -> the CPU's default), never aborts. The CPU's default attention is "sdpa"; where its
+kernel cannot be built (no C++ compiler) it warns and uses eager.
 """
 import warnings
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ class PrecisionPolicy:
 
 
 def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dtype=None, device=None):
-    """The policy for this device. Ascend defaults: flash attention, bf16 Conv3d. Elsewhere: eager, and
-    the dtypes the CPU kernels support (see the module docstring for the fallbacks)."""
+    """The policy for this device. Ascend defaults: flash attention, bf16 Conv3d. Elsewhere: the fused CPU
+    kernel (sdpa; eager where it cannot be built), and the dtypes the CPU kernels support (see the module
+    docstring for the fallbacks)."""
     device = device or device_target()
     dtype = parse_dtype(mindspore_dtype) or ms.float32
     conv = parse_dtype(conv_dtype)
@@ -105,14 +107,14 @@ def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dt
         conv = dtype  # fp32 or fp16: both have CPU Conv3d kernels
     if attn_implementation == "flash_attention_2":
         warnings.warn(f"flash_attention_2 needs an Ascend NPU (ops.flash_attention_score has no {device} "
-                      "kernel): using eager attention", stacklevel=3)
-    attn = "eager"
-    if attn_implementation == "sdpa":
+                      "kernel): using the CPU's fused kernel, sdpa, instead", stacklevel=3)
+    attn = attn_implementation if attn_implementation == "eager" else "sdpa"
+    if attn == "sdpa":
         from . import cpu_sdpa
+
         ok, why = cpu_sdpa.available()
-        if ok:
-            attn = "sdpa"
-        else:
-            warnings.warn(f"sdpa (the fused CPU attention kernel) is not available: {why}; using eager attention",
-                          stacklevel=3)
+        if not ok:
+            warnings.warn(f"sdpa (the fused CPU attention kernel) is not available: {why}; using eager attention, "
+                          "slower and holding every score", stacklevel=3)
+            attn = "eager"
     return PrecisionPolicy(dtype, conv, attn, device)

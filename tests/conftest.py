@@ -45,6 +45,16 @@ def tiny_ours(tiny_hf):
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_eager(tiny_hf):
+    """The same checkpoint with eager attention (the numerical reference; the CPU's default is sdpa)."""
+    from mindone_qwen2vl import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False, attn_implementation="eager")
+    assert model.policy.attn_implementation == "eager"
+    return model
+
+
 @pytest.fixture(scope="module")
 def quiet_hf_video_deprecation():
     """HF's numpy image processor warns on every video call that the path is deprecated; it is the reference

@@ -129,17 +129,20 @@ def test_prompts_one_after_another(tiny_hf, tiny_ours, ms_mode):
                                       hf_generate(tiny_hf[0], inputs, max_new_tokens=n), err_msg=case)
 
 
-def test_steps_compile_once_for_any_shape(tiny_hf):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_steps_compile_once_for_any_shape(tiny_hf, attn):
     """In GRAPH_MODE the vision, prompt and head steps compile once whatever the image sizes and prompt lengths;
     the decode step and its prompt write compile once per (batch rows, cache length) bucket, and a short
-    generation reuses a bucket already compiled. A fresh model, so that the counts are this test's."""
+    generation reuses a bucket already compiled. A fresh model, so that the counts are this test's. The
+    prompt attends through one step under sdpa (the default), through the masked steps under eager."""
     from mindone_qwen2vl import Qwen2VLForConditionalGeneration
     from mindone_qwen2vl.attention import CAUSAL_BLOCKS
     from mindone_qwen2vl.generation import SHORT_CACHE_POSITIONS
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False, attn_implementation=attn)
+    fused = attn == "sdpa"
     shared = ["vision.embed", "vision.project", "vision.attend", "vision.merger", "text.embed", "text.rotary",
-              "text.project", "text.attend", "text.attend_shared_mask", "head"]
+              "text.project", "text.attend", "text.attend_shared_mask", "head"] + ["text.attend_fused"] * fused
     # The causal-block attention of long prompts (none here; the first prompt of 16 tokens or more compiles it).
     blocked = [f"text.attend.{CAUSAL_BLOCKS}", f"text.attend_shared_mask.{CAUSAL_BLOCKS}"]
     shared += blocked
@@ -153,7 +156,8 @@ def test_steps_compile_once_for_any_shape(tiny_hf):
         # bucket to run in compiles one with room for the next ones, and decodes it layer by layer (two
         # graphs of its own and the shared head, layerwise.py).
         bucket = f"1x{SHORT_CACHE_POSITIONS}"
-        used = ("text.embed", "text.rotary", "text.project", "text.attend", "head", f"write.{bucket}")
+        attend = "text.attend_fused" if fused else "text.attend"
+        used = ("text.embed", "text.rotary", "text.project", attend, "head", f"write.{bucket}")
         assert graphs == {**{k: int(k in used) for k in shared + [f"decode.{bucket}", f"write.{bucket}"]},
                           f"decode_layers.{bucket}": 2}
         # Pin what a compilation costs in steps (measured on the fly, see test_bucket_policy_rents_before_it_buys),
@@ -175,8 +179,10 @@ def test_steps_compile_once_for_any_shape(tiny_hf):
         # The first prompt of 16 tokens or more compiled the causal-block attention (so that a long prompt later
         # does not stop to compile it); the shared-mask variants are for prompts whose masks exceed the budget.
         expected = {**{k: int(k not in blocked) for k in shared}, "text.attend_shared_mask": 0,
-                    f"text.attend.{CAUSAL_BLOCKS}": 1, f"decode.{bucket}": 0, f"decode_layers.{bucket}": 2,
-                    f"write.{bucket}": 1}
+                    f"text.attend.{CAUSAL_BLOCKS}": int(not fused), f"decode.{bucket}": 0,
+                    f"decode_layers.{bucket}": 2, f"write.{bucket}": 1}
+        if fused:  # the masked steps never run
+            expected["text.attend"] = 0
         assert model.compiled_graphs() == expected
         # A new batch size (3 rows -> 4) adds exactly its decode steps and its prompt write.
         ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])

@@ -40,10 +40,16 @@ def case_inputs(name):
 CASES = ["image", "several_images", "video", "text_only", "mixed_left_padded_batch"]
 
 
+@pytest.fixture(params=["sdpa", "eager"])
+def attn_ours(request, tiny_ours, tiny_eager):
+    """The tiny model with the CPU's default attention (sdpa) and with eager attention."""
+    return tiny_ours if request.param == "sdpa" else tiny_eager
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_hf(tiny_hf, tiny_ours, ms_mode, case):
+def test_logits_match_hf(tiny_hf, attn_ours, ms_mode, case):
     inputs = case_inputs(case)
-    ours = tiny_ours(**inputs).logits
+    ours = attn_ours(**inputs).logits
     assert isinstance(ours, ms.Tensor) and ours.dtype == ms.float32
     ref = hf_logits(tiny_hf[0], **inputs)
     assert ours.shape == ref.shape
@@ -192,20 +198,20 @@ def test_rotary_tables_match_hf(tiny_hf, tiny_ours, ms_mode):
 
 
 @pytest.mark.parametrize("rows", [2, 5])
-def test_prompt_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch, rows):
+def test_prompt_query_blocks_are_exact(tiny_hf, tiny_eager, ms_mode, monkeypatch, rows):
     """The decoder's prompt attention in query blocks (long prompts on the eager path) equals one block and HF,
     in a padded batch (each row runs on its own, without its padding, so each has its own blocks)."""
     from mindone_qwen2vl import attention
 
     inputs = case_inputs("mixed_left_padded_batch")
-    whole = tiny_ours(**inputs).logits.asnumpy()
+    whole = tiny_eager(**inputs).logits.asnumpy()
     seq = inputs["input_ids"].shape[1]
-    heads = tiny_ours.config.text_config.num_attention_heads
+    heads = tiny_eager.config.text_config.num_attention_heads
     # A budget of `rows` query rows of heads x seq float32 scores for the longest row (its length is seq).
     monkeypatch.setattr(attention, "SCORES_BUDGET", heads * seq * 4 * rows)
     blocks = attention.query_blocks(seq, seq, heads)
     assert blocks == [(a, min(a + rows, seq)) for a in range(0, seq, rows)] and len(blocks) > 2
-    blocked = tiny_ours(**inputs).logits.asnumpy()
+    blocked = tiny_eager(**inputs).logits.asnumpy()
     mask = inputs["attention_mask"]
     assert rel_err(blocked, whole, mask) < 1e-6
     ref = hf_logits(tiny_hf[0], **inputs)
@@ -214,7 +220,7 @@ def test_prompt_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch,
 
 
 @pytest.mark.parametrize("case,host_rows", [("mixed_left_padded_batch", None), ("long_text", 20)])
-def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch, case, host_rows):
+def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_eager, ms_mode, monkeypatch, case, host_rows):
     """A long prompt attends in causal blocks within one graph, each block over the keys up to its own last
     position: the logits equal one block's and HF's, with per-head masks (a padded batch, whose 17-token row
     takes the blocks) and, inside the host's query blocks (host_rows), with masks shared by the heads; greedy
@@ -228,16 +234,16 @@ def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch
         inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids))
     else:
         inputs = case_inputs(case)
-    whole = tiny_ours(**inputs).logits.asnumpy()
+    whole = tiny_eager(**inputs).logits.asnumpy()
     seq = inputs["input_ids"].shape[1]
-    heads = tiny_ours.config.text_config.num_attention_heads
+    heads = tiny_eager.config.text_config.num_attention_heads
     monkeypatch.setattr(attention, "CAUSAL_FROM", 0)
     if host_rows:
         monkeypatch.setattr(attention, "SCORES_BUDGET", heads * seq * 4 * host_rows)
         assert attention.query_blocks(seq, seq, heads) == [(0, host_rows), (host_rows, seq)]
     assert attention.causal_blocks(host_rows or seq, host_rows or seq, heads) == n
     assert attention.causal_blocks(n - 1, n - 1, heads) == 1  # fewer queries than blocks: one block
-    blocked = tiny_ours(**inputs).logits.asnumpy()
+    blocked = tiny_eager(**inputs).logits.asnumpy()
     mask = inputs["attention_mask"]
     assert rel_err(blocked, whole, mask) < 1e-5
     ref = hf_logits(tiny_hf[0], **inputs)
@@ -245,6 +251,6 @@ def test_prompt_causal_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch
     assert (blocked.argmax(-1) == ref.argmax(-1))[mask.astype(bool)].all()
     if ms_mode == "graph":
         step = f"text.attend{'_shared_mask' if host_rows else ''}.{n}"
-        assert tiny_ours.compiled_graphs()[step] == 1
-        ours = tiny_ours.generate(**inputs, max_new_tokens=4)
+        assert tiny_eager.compiled_graphs()[step] == 1
+        ours = tiny_eager.generate(**inputs, max_new_tokens=4)
         np.testing.assert_array_equal(ours, hf_generate(tiny_hf[0], inputs, max_new_tokens=4))

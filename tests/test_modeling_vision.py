@@ -93,21 +93,21 @@ def test_the_patch_embedding_in_calls_is_exact(tiny_hf, tiny_ours, ms_mode, monk
     assert rel_err(whole, hf_visual(tiny_hf[0], pixels, grid)) < 1e-5
 
 
-def test_query_blocks_are_exact(tiny_hf, tiny_ours, ms_mode, monkeypatch):
+def test_query_blocks_are_exact(tiny_hf, tiny_eager, ms_mode, monkeypatch):
     """Blocked eager attention (used for big images) equals the one-block result and HF."""
     from mindone_qwen2vl import attention
 
     grid = np.array([(1, 8, 12), (1, 4, 4)])
     pixels = random_pixels(grid, seed=9)
-    whole = tiny_ours.get_vision_features(pixels, grid).asnumpy()
+    whole = tiny_eager.get_vision_features(pixels, grid).asnumpy()
     # The 96-patch frame: 4 heads x 96 keys x 4 bytes per query row, a budget of 10 rows forces 10 blocks
     # (the last of 6); the 16-patch frame still fits in one.
     monkeypatch.setattr(attention, "SCORES_BUDGET", 4 * 96 * 4 * 10)
-    plan = tiny_ours.visual.plan(grid)
+    plan = tiny_eager.visual.plan(grid)
     assert [g.shape for g in plan.groups] == [(1, 16), (1, 96)]
     assert plan.blocks[0] == [(0, 16)]
     assert plan.blocks[1] == [(a, min(a + 10, 96)) for a in range(0, 96, 10)]
     assert plan.unpad is not None
-    blocked = tiny_ours.get_vision_features(pixels, grid).asnumpy()
+    blocked = tiny_eager.get_vision_features(pixels, grid).asnumpy()
     assert rel_err(blocked, whole) < 1e-6
     assert rel_err(blocked, hf_visual(tiny_hf[0], pixels, grid)) < 1e-5

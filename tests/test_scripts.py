@@ -185,7 +185,7 @@ def test_video_with_preset_in_graph_mode(env):
     # The preset asks for bf16 and flash attention: on a CPU each falls back with one warning line.
     warnings = [line for line in err.splitlines() if line.startswith("video_understanding.py: warning:")]
     assert len(warnings) == 2 and "bfloat16" in warnings[0] and "flash_attention_2" in warnings[1], err
-    assert "| graph mode |" in err and "attention eager" in err  # mode from the preset
+    assert "| graph mode |" in err and "attention sdpa" in err  # mode from the preset; the CPU's attention
     match = TIMINGS.search(err)
     assert match, err
     # --nframes replaces the preset's fps, --max_pixels its video_max_pixels; its video_total_pixels stays.
