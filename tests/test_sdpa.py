@@ -210,6 +210,10 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(cpu_sdpa.SdpaUnavailable, match="failed on broken.cc"):
         cpu_sdpa.build()
     assert [p.name for p in tmp_path.iterdir()] == ["broken.cc"]
+    monkeypatch.setattr(cpu_sdpa, "SOURCE", cpu_sdpa.Path(cpu_sdpa.__file__).parent / "csrc" / "sdpa.cc")
+    monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(source / "kernels"))  # under a file: not writable
+    with pytest.raises(cpu_sdpa.SdpaUnavailable, match="cannot write the kernel cache .*broken.cc/kernels"):
+        cpu_sdpa.build()
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(cpu_sdpa.SdpaUnavailable, match="no C.. compiler: 'no-such-compiler-here'"):
         cpu_sdpa.build()
