@@ -8,7 +8,8 @@ and in pynative mode. It is built with the machine's C++ compiler (`$CXX`, else 
 The library's name holds a hash of the source, the compiler's flags and the CPU's flags, so a cache shared by
 several machines keeps one build per CPU kind. Float32 only; other dtypes go through it as float32.
 
-Nothing is built at import: `kernels()` builds (or finds) the library the first time a model asks for it.
+Nothing is built at import: `kernels()` builds (or finds) the library the first time a model asks for it, and
+checks it against numpy before handing it out.
 """
 import hashlib
 import os
@@ -102,16 +103,42 @@ class Kernels:
         self.causal = op("CausalAttention", ("q", "k", "v", "positions"), (f32, f32, f32, i32))
 
 
+def check(kernels):
+    """Both operators on a small input against numpy (float64): a library that does not load, or computes wrong,
+    is found here, once per process, rather than in the middle of a request."""
+    import numpy as np
+    from mindspore import Tensor
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 1, 5, 16)).astype(np.float32) for _ in range(3))
+    scores = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2)
+    for causal in (False, True):
+        s = np.where(np.tril(np.ones((5, 5), bool)), scores, -np.inf) if causal else scores
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = (p / p.sum(-1, keepdims=True)) @ v
+        if causal:
+            positions = Tensor(np.arange(5, dtype=np.int32))
+            got = kernels.causal(Tensor(q[:, 0]), Tensor(k[:, 0]), Tensor(v[:, 0]), positions)
+        else:
+            got = kernels.frame(Tensor(q), Tensor(k), Tensor(v))
+        err = float(np.abs(got.asnumpy().reshape(want.shape) - want).max())
+        if not err < 1e-5:
+            raise SdpaUnavailable(f"the kernel built at {kernels.path} computes wrong results (error {err:.1e})")
+
+
 def kernels():
-    """The kernels, built and loaded once per process; SdpaUnavailable says why they cannot be."""
+    """The kernels, built, loaded and checked once per process; SdpaUnavailable says why they cannot be."""
     with _lock:
         if "kernels" not in _state:
             try:
-                _state["kernels"] = Kernels(str(build()))
+                found = Kernels(str(build()))
+                check(found)
+                _state["kernels"] = found
             except SdpaUnavailable as e:
                 _state["kernels"] = e
-            except (OSError, TypeError, RuntimeError) as e:  # MindSpore refusing the library (its white list)
-                _state["kernels"] = SdpaUnavailable(f"MindSpore did not load the kernel: {e}")
+            except (OSError, TypeError, RuntimeError) as e:  # MindSpore refusing or failing to load the library
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                _state["kernels"] = SdpaUnavailable(f"MindSpore did not run the kernel: {first}")
         found = _state["kernels"]
     if isinstance(found, SdpaUnavailable):
         raise found

@@ -230,6 +230,47 @@ def test_without_a_compiler_the_policy_warns_and_uses_eager(tmp_path, monkeypatc
     assert policy.attn_implementation == "eager"
 
 
+WRONG_KERNEL = """
+#include <cstdint>
+#include <cstring>
+#include <vector>
+class AotExtra;
+static int Zero(int nparam, void **params, int *ndims, int64_t **shapes) {
+  int64_t n = 1;
+  for (int i = 0; i < ndims[nparam - 1]; ++i) n *= shapes[nparam - 1][i];
+  std::memset(params[nparam - 1], 0, n * sizeof(float));
+  return 0;
+}
+extern "C" int FrameAttention(int n, void **p, int *d, int64_t **s, const char **, void *, void *) {
+  return Zero(n, p, d, s);
+}
+extern "C" int CausalAttention(int n, void **p, int *d, int64_t **s, const char **, void *, void *) {
+  return Zero(n, p, d, s);
+}
+extern "C" std::vector<int64_t> FrameAttentionInferShape(int *d, int64_t **s, AotExtra *) {
+  return std::vector<int64_t>(s[0], s[0] + d[0]);
+}
+extern "C" std::vector<int64_t> CausalAttentionInferShape(int *d, int64_t **s, AotExtra *) {
+  return std::vector<int64_t>(s[0], s[0] + d[0]);
+}
+"""
+
+
+def test_a_library_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
+    """The built library is checked against numpy before a model uses it: one that loads but computes wrong
+    (here: zeros) leaves the model on eager attention, with a warning that says so."""
+    from mindone_qwen2vl.precision import resolve_policy
+
+    source = tmp_path / "wrong.cc"
+    source.write_text(WRONG_KERNEL)
+    monkeypatch.setattr(cpu_sdpa, "SOURCE", source)
+    monkeypatch.setattr(cpu_sdpa, "_state", {})
+    monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(tmp_path / "kernels"))
+    with pytest.warns(UserWarning, match="sdpa .* is not available: the kernel built at .* computes wrong results"):
+        policy = resolve_policy(attn_implementation="sdpa")
+    assert policy.attn_implementation == "eager"
+
+
 def test_on_ascend_sdpa_means_flash_attention():
     from mindone_qwen2vl.precision import resolve_policy
 
