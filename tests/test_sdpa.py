@@ -82,7 +82,7 @@ def test_frame_kernel_equals_reference(kernels, mode):
 # (query heads, KV heads, queries, keys, head size, first query position): a whole prompt, its last queries
 # only, grouped heads, a query at position 0 (one key), long enough for several key tiles.
 CAUSAL = [(4, 2, 50, 50, 16, 0), (4, 2, 30, 300, 16, 270), (12, 2, 200, 200, 128, 0), (2, 1, 1, 1, 16, 0),
-          (6, 3, 70, 400, 20, 330)]
+          (6, 3, 70, 400, 20, 330), (2, 1, 40, 400, 16, None)]  # None: positions in no order
 
 
 @pytest.mark.parametrize("mode", ["graph", "pynative"])
@@ -95,7 +95,10 @@ def test_causal_kernel_equals_reference(kernels, mode):
         for i, (h, kvh, sq, s, d, first) in enumerate(CAUSAL):
             q = _random((h, sq, d), 5 * i, d ** -0.5)
             k, v = _random((kvh, s, d), 5 * i + 1), _random((kvh, s, d), 5 * i + 2)
-            positions = np.arange(first, first + sq, dtype=np.int32)
+            if first is None:
+                positions = np.random.default_rng(i).permutation(s)[:sq].astype(np.int32)
+            else:
+                positions = np.arange(first, first + sq, dtype=np.int32)
             out = cell(Tensor(q), Tensor(k), Tensor(v), Tensor(positions)).asnumpy()
             np.testing.assert_allclose(out, reference(q, k, v, positions), atol=2e-6, err_msg=str(CAUSAL[i]))
     finally:

@@ -59,7 +59,9 @@ void RunTask(const Problem &p, int64_t g, int64_t q0, int64_t nq, std::vector<fl
     const int64_t chunks = (nk + kLanes - 1) / kLanes;
     for (int64_t r0 = 0; r0 < nq; r0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, nq - r0));
-      if (k0 > last[r0 + rows - 1] && k0 > last[r0]) continue;  // no row of this block sees these keys
+      int64_t block_last = last[r0];
+      for (int r = 1; r < rows; ++r) block_last = std::max(block_last, last[r0 + r]);
+      if (k0 > block_last) continue;  // no row of this block sees these keys
       // Scores of the rows against the tile, a vector of keys at a time.
       const float *qp[kRows];  // rows past the block's end repeat its first row (computed, never stored)
       for (int r = 0; r < kRows; ++r) qp[r] = qg + (r0 + (r < rows ? r : 0)) * d;
