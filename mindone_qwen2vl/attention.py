@@ -31,7 +31,7 @@ _bmm = ops.BatchMatMul()
 
 def query_blocks(queries, length, rows, impl="eager"):
     """[(start, stop)] query ranges whose float32 scores (rows x block x length, `rows` = batch x heads) fit
-    SCORES_BUDGET; one range when they all fit or the backend needs no blocks (flash)."""
+    SCORES_BUDGET; one range when they all fit or the backend holds no scores (flash, sdpa)."""
     if impl in FUSED:
         return [(0, queries)]
     block = max(1, min(queries, SCORES_BUDGET // max(1, rows * length * 4)))
