@@ -473,15 +473,12 @@ class Qwen2VisionTransformer(nn.Cell):
         """The patch embedding and rotary tables, EMBED_ROWS patches a call: the pixels are the largest input
         of a request (1176 floats a patch), and one call over all of them would make MindSpore's memory pool
         keep room for the largest image seen."""
-        n = len(rot_pos)
-        if n <= EMBED_ROWS:
-            return self.steps["embed"](pixels if isinstance(pixels, Tensor) else Tensor(pixels), Tensor(rot_pos))
         parts = []
-        for a in range(0, n, EMBED_ROWS):
+        for a in range(0, len(rot_pos), EMBED_ROWS):
             chunk = pixels[a:a + EMBED_ROWS]
             parts.append(self.steps["embed"](chunk if isinstance(chunk, Tensor) else Tensor(chunk),
                                              Tensor(rot_pos[a:a + EMBED_ROWS])))
-        return tuple(ops.cat(part, 0) for part in zip(*parts))
+        return parts[0] if len(parts) == 1 else tuple(ops.cat(part, 0) for part in zip(*parts))
 
     def blocks_forward(self, x, cos, sin, layouts, static):
         """The blocks, through the shared steps: dynamic, or static for this layout's shapes (HotLayouts)."""
