@@ -174,20 +174,20 @@ def main(argv=None):
     p.add_argument("--json")
     args = p.parse_args(argv)
     ckpt = benchmark.checkpoint(args.shape)
-    media = tempfile.mkdtemp(prefix="serve_bench_")
-    requests = request_set(args.requests, args.seed, media)
-    proc, base = start_server(ckpt, media, args.max_batch, args.launch_nice)
-    rows = []
-    try:
-        stream_one(base, requests[0][0], args.max_tokens, 1.0)  # warm-up: compiles the graphs
-        for clients in (int(c) for c in args.clients.split(",")):
-            rows.append(run_clients(base, requests, clients, args.max_tokens))
-            print(f"[{args.shape}] {clients} clients: {rows[-1]}", file=sys.stderr, flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    if not args.no_hf:
-        rows.append(hf_sequential(ckpt, requests, args.max_tokens))
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as media:
+        requests = request_set(args.requests, args.seed, media)
+        proc, base = start_server(ckpt, media, args.max_batch, args.launch_nice)
+        rows = []
+        try:
+            stream_one(base, requests[0][0], args.max_tokens, 1.0)  # warm-up: compiles the graphs
+            for clients in (int(c) for c in args.clients.split(",")):
+                rows.append(run_clients(base, requests, clients, args.max_tokens))
+                print(f"[{args.shape}] {clients} clients: {rows[-1]}", file=sys.stderr, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        if not args.no_hf:
+            rows.append(hf_sequential(ckpt, requests, args.max_tokens))
     print(f"{args.shape}, {args.requests} requests, max_tokens {args.max_tokens}, launch nice {args.launch_nice}, "
           f"{benchmark.cpu_model()} "
           f"({os.cpu_count()} cores)")

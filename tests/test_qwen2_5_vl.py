@@ -24,12 +24,10 @@ TPS = 2  # tokens_per_second of the tiny config (3B's value)
 
 
 @pytest.fixture(scope="module")
-def hf25():
+def hf25(tmp_path_factory):
     """(HF model, checkpoint folder): tied embeddings as the 3B, old key names."""
-    import tempfile
-
     model = hf_model(hf_config_2_5(tied=True, tokens_per_second=TPS), seed=11)
-    return model, save_checkpoint(model, tempfile.mkdtemp(prefix="tiny_qwen2_5_vl_"))
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
 
 
 def load(folder, **kw):
@@ -356,18 +354,16 @@ def test_untied_new_key_names_load(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def flash25():
+def flash25(tmp_path_factory):
     """(HF model, our model under flash_attention_2 with the emulated kernel): head sizes multiples of 16, as the
     kernel needs (vision 32 / 2 heads, text 64 / 4)."""
-    import tempfile
-
     import flash_emulation
     from mindone_qwen2vl.precision import PrecisionPolicy
 
     policy = PrecisionPolicy(attn_implementation="flash_attention_2", flash_dtype=ms.float32,
                              flash_kernel=flash_emulation.emulated_flash_attention_score)
     hf = hf_model(hf_config_2_5(vision_heads=2, tokens_per_second=TPS), seed=13)
-    return hf, load(save_checkpoint(hf, tempfile.mkdtemp(prefix="tiny_qwen2_5_vl_flash_")), policy=policy)
+    return hf, load(save_checkpoint(hf, tmp_path_factory.mktemp("tiny_qwen2_5_vl_flash")), policy=policy)
 
 
 def test_flash_windows_are_batches_of_equal_length(flash25):
