@@ -3,7 +3,7 @@
 - "eager": matmul + float32 softmax, runs everywhere (CPU and Ascend); the numerical reference.
 - "flash_attention_2": `ops.flash_attention_score` (Ascend only; see precision.py for when it is chosen), in
   the documented BNSD layout with a boolean mask of the discarded keys.
-- "sdpa": the CPU backend's fused kernel (cpu_sdpa.py, csrc/sdpa.cc), float32, for the vision tower and the
+- "sdpa": the CPU backend's fused kernel (cpu_kernels.py, csrc/sdpa.cc), float32, for the vision tower and the
   prompt; it never holds the scores. Decode steps (one query a row over a masked cache) stay eager.
 
 Queries arrive already multiplied by the attention scale (the rotary tables carry it). Eager attention holds
@@ -63,12 +63,12 @@ def causal_edges(start, stop, count):
 
 
 def flash_kernel(policy):
-    """The fused kernel of a precision policy: under "sdpa" the CPU kernels (cpu_sdpa.Kernels), else the flash
+    """The fused kernel of a precision policy: under "sdpa" the CPU kernels (cpu_kernels.Kernels), else the flash
     kernel, MindSpore's unless the policy names another one (CPU tests pass an emulation of its documented
     semantics, tests/flash_emulation.py)."""
     if policy.attn_implementation == "sdpa":
-        from . import cpu_sdpa
-        return cpu_sdpa.kernels()
+        from . import cpu_kernels
+        return cpu_kernels.kernels()
     return policy.flash_kernel or ops.flash_attention_score
 
 

@@ -138,6 +138,8 @@ class Worker:
         self.model = model
         self.runner = Runner(model, rows, max_len, layerwise=False)  # the engine decodes with whole steps
         self.lengths = [n for n in (VIEW_LENGTH * 2 ** k for k in range(32)) if n < max_len] + [max_len]
+        if self.runner.decode.fused:  # its kernels read only the positions a row sees: a view would save nothing
+            self.lengths = [max_len]
         self.views = {}  # length -> DecodeOneToken over the cache's first rows and first `length` positions
         self.steps = {(rows, max_len): self.runner}  # (rows, length) -> TimedStep, once called
         self.rented = collections.Counter()  # (rows, length) not compiled: steps run for it in a longer view

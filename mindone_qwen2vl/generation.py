@@ -45,9 +45,11 @@ HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repeti
 MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
-# On the CPU backend generate() first decodes a bucket layer by layer (layerwise.py). That is two small graphs
-# of its own (and the prompt's head step), compiled in about 0.5 s, against 5.2-6.2 s for the whole-decoder step at
-# 28 layers (development CPU, AMD EPYC).
+# Under eager attention on the CPU backend generate() first decodes a bucket layer by layer (layerwise.py); under
+# sdpa (the CPU's default) the whole step's layers are fused kernels (decode_kernels) and it compiles in 1.3-1.5 s
+# at 28 layers, so it runs from the first token. Layer by layer is two small graphs of its own (and the prompt's
+# head step), compiled in about 0.5 s, against 5.2-6.2 s for the eager whole-decoder step at 28 layers
+# (development CPU, AMD EPYC).
 # A token then takes about 6-8 ms more than with the whole step (overhead shape: 33-35 ms against 27-29 in the
 # same processes). A bucket compiles its whole step before a generation whose tokens, with those it has already
 # decoded layer by layer, reach what that compilation costs over what it saves per token. Until both steps have
@@ -264,10 +266,24 @@ class TokenChooser:
 
 
 # ---------------------------------------------------------------------------------------------- device steps
+def decode_kernels(model):
+    """The CPU kernels that run a decode step's decoder layer and its head as one operator each
+    (cpu_kernels.py, csrc/decode.cc), or None where they do not apply: they come with the "sdpa" attention of
+    the CPU backend, compute in float32, and know nothing of tensor parallelism (a rank's layer would have to
+    reduce its partial products across the ranks)."""
+    policy = model.policy
+    if (policy.attn_implementation != "sdpa" or model.tensor_parallel or policy.compute_dtype != ms.float32
+            or policy.cache_dtype != ms.float32):
+        return None
+    return model.model.layers[0].flash_kernel  # the built and checked cpu_kernels.Kernels under "sdpa"
+
+
 class DecodeOneToken(Step):
     """One token per row, each at its own cache position [B] -> float32 logits [B, V]. Its inputs have the same
     shapes at every step, so GRAPH_MODE compiles it once per (batch rows, cache length): the whole decoder and
-    lm_head in one graph (a decode step's workspace is small; its cost is the kernels it launches)."""
+    lm_head in one graph (a decode step's workspace is small; its cost is the kernels it launches). Where
+    `decode_kernels` gives them, each layer and the head are one operator: 30 kernels a step instead of ~1300 at
+    28 layers, compiled in a fraction of the time."""
 
     def __init__(self, model, cache: StaticCache):
         super().__init__()
@@ -277,6 +293,10 @@ class DecodeOneToken(Step):
         object.__setattr__(self, "text", model.model)
         object.__setattr__(self, "cache", cache)
         object.__setattr__(self, "lm_head", model.lm_head)
+        object.__setattr__(self, "storage", getattr(cache, "cache", cache))  # a CacheView's StaticCache, or cache
+        object.__setattr__(self, "kernels", decode_kernels(model))
+        self.fused = self.kernels is not None
+        self.eps = Tensor(np.array([model.config.text_config.rms_norm_eps], np.float32))
 
     def construct(self, input_ids, cache_position, rope_position):
         """input_ids [B] (each row's last token), cache_position [B] (where it goes in the row's cache),
@@ -284,9 +304,20 @@ class DecodeOneToken(Step):
         b = input_ids.shape[0]
         # The three M-RoPE axes advance together after the prompt.
         position_ids = ops.broadcast_to(rope_position.reshape(1, b, 1), (3, b, 1))
-        hidden = self.text(self.text.embed_tokens(input_ids), position_ids, self.cache.attention_mask(cache_position),
-                           self.cache.layers, self.cache.rows(cache_position))
-        return self.lm_head(hidden).astype(ms.float32)
+        text, cache = self.text, self.cache
+        x, mask, rows = text.embed_tokens(input_ids), cache.attention_mask(cache_position), cache.rows(cache_position)
+        if self.fused:
+            # The kernel reads the positions each row's mask shows and nothing else, so a view of the cache
+            # (engine.Worker) is its whole storage with the whole-length mask. Each layer writes its key and value
+            # into the storage's Parameters in place, as ScatterUpdate does.
+            storage = self.storage
+            mask = storage.attention_mask(cache_position)
+            cos, sin = text.rotary_emb(position_ids)
+            for i, layer in enumerate(text.layers):
+                kv = storage.layers[i]
+                x = self.kernels.decode_layer(x, cos, sin, mask, rows, kv.key, kv.value, *layer.weights(), self.eps)
+            return self.kernels.decode_head(x, text.norm.weight, self.lm_head.weight, self.eps)
+        return self.lm_head(text(x, position_ids, mask, cache.layers, rows)).astype(ms.float32)
 
 
 class TimedStep:
@@ -332,7 +363,8 @@ class Runner(TimedStep):
                                  kv_heads=model.model.layers[0].self_attn.num_kv_heads,
                                  input_dtype=model.policy.compute_dtype)
         super().__init__(DecodeOneToken(model, self.cache))
-        use = layerwise and layerwise_decode.allowed(model)
+        # Fused layers compile in a fraction of the whole step's time and need no layer-by-layer phase.
+        use = layerwise and layerwise_decode.allowed(model) and not self.decode.fused
         self.layerwise = TimedStep(layerwise_decode.LayerwiseDecode(model, self.cache)) if use else None
         self.whole = not use  # whether generate() runs the whole step
 

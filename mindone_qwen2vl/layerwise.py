@@ -1,4 +1,6 @@
-"""Decoding layer by layer: generate()'s decode step while a bucket has decoded few tokens.
+"""Decoding layer by layer: generate()'s decode step while a bucket has decoded few tokens, under eager attention
+on the CPU backend (under sdpa, the default there, each layer of the whole step is one fused kernel and the whole
+step compiles fast enough: generation.decode_kernels).
 
 The whole-decoder step (generation.DecodeOneToken) is one graph of every layer. Its compilation grows with the
 depth: 5.2-6.2 s at 28 layers on the development CPU (AMD EPYC, 2 cores), most of a fresh process's first

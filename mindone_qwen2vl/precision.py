@@ -8,7 +8,7 @@ Chosen by the policy:
 - compute_dtype (`mindspore_dtype`): Linear/Embedding weights and activations.
 - conv_dtype: the patch-embed Conv3d (bf16 on Ascend, where Conv3D runs in fp16/bf16 only).
 - attn_implementation: "eager" (everywhere), "flash_attention_2" (Ascend) or "sdpa" (the CPU backend's fused
-  kernel, cpu_sdpa.py); flash runs its q/k/v in FLASH_DTYPE (fp16), the dtype its kernel is fastest and
+  kernel, cpu_kernels.py); flash runs its q/k/v in FLASH_DTYPE (fp16), the dtype its kernel is fastest and
   validated in; sdpa computes in float32.
 - cache_dtype: the KV cache stores keys and values in the dtype attention reads them in: the flash dtype under
   flash attention (each key is cast once when written, instead of the whole cache at every layer of every
@@ -110,9 +110,9 @@ def resolve_policy(mindspore_dtype=ms.float32, attn_implementation=None, conv_dt
                       "kernel): using the CPU's fused kernel, sdpa, instead", stacklevel=3)
     attn = attn_implementation if attn_implementation == "eager" else "sdpa"
     if attn == "sdpa":
-        from . import cpu_sdpa
+        from . import cpu_kernels
 
-        ok, why = cpu_sdpa.available()
+        ok, why = cpu_kernels.available()
         if not ok:
             warnings.warn(f"sdpa (the fused CPU attention kernel) is not available: {why}; using eager attention, "
                           "slower and holding every score", stacklevel=3)

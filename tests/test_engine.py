@@ -64,10 +64,11 @@ def test_greedy_tokens_alone_batched_and_joining(tiny_ours, graph_mode):
         engine.stop()
 
 
-def test_decode_views_of_the_cache_give_the_same_tokens(tiny_ours, graph_mode):
+def test_decode_views_of_the_cache_give_the_same_tokens(tiny_eager, graph_mode):
     """The engine decodes one row while only the first slot is busy and attends over the first VIEW_LENGTH
     positions while every busy row is below it; a request that crosses VIEW_LENGTH mid-way, and one that
-    joins a busy engine, still get generate()'s tokens alone, and the views add at most 3 graphs."""
+    joins a busy engine, still get generate()'s tokens alone, and the views add at most 3 graphs. (Eager: under
+    sdpa the decode kernels read only the positions a row sees, and there are no shorter views.)"""
     from mindone_qwen2vl import engine as engine_module
     from mindone_qwen2vl.engine import Engine
 
@@ -76,8 +77,8 @@ def test_decode_views_of_the_cache_give_the_same_tokens(tiny_ours, graph_mode):
     crossing = dict(input_ids=rng.integers(1000, 5000, (1, length - 3)))  # positions 509.. cross 512
     short = rows()[0]  # an image question
     n = 8
-    expected = [alone(tiny_ours, c, n) for c in (crossing, short)]
-    engine = Engine(tiny_ours, max_batch=2, max_len=2 * length).start()
+    expected = [alone(tiny_eager, c, n) for c in (crossing, short)]
+    engine = Engine(tiny_eager, max_batch=2, max_len=2 * length).start()
     try:
         # Alone: one row, over the first VIEW_LENGTH positions, then (crossed) over all of them.
         assert engine.submit(**crossing, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[0]
@@ -91,7 +92,32 @@ def test_decode_views_of_the_cache_give_the_same_tokens(tiny_ours, graph_mode):
         engine.stop()
 
 
-def test_views_double_and_are_bought_after_renting_what_they_cost(tiny_ours, graph_mode):
+def test_fused_decode_runs_over_the_whole_cache(tiny_ours, graph_mode):
+    """Under sdpa the decode step's kernels read only the positions each row sees: the engine keeps the whole
+    cache's length only (one row's step and all rows'), and a request crossing VIEW_LENGTH beside another gets
+    generate()'s tokens alone."""
+    from mindone_qwen2vl import engine as engine_module
+    from mindone_qwen2vl.engine import Engine
+
+    rng = np.random.default_rng(5)
+    length = engine_module.VIEW_LENGTH
+    crossing = dict(input_ids=rng.integers(1000, 5000, (1, length - 3)))
+    short = rows()[0]
+    n = 8
+    expected = [alone(tiny_ours, c, n) for c in (crossing, short)]
+    engine = Engine(tiny_ours, max_batch=2, max_len=2 * length).start()
+    try:
+        assert engine.worker.runner.decode.fused and engine.worker.lengths == [2 * length]
+        assert engine.submit(**crossing, max_new_tokens=n, eos_token_id=[]).result(300)[0] == expected[0]
+        first = engine.submit(**crossing, max_new_tokens=n, eos_token_id=[])
+        second = engine.submit(**short, max_new_tokens=n, eos_token_id=[])
+        assert [first.result(300)[0], second.result(300)[0]] == expected
+        assert sorted(engine.worker.views) == [2 * length] and engine.worker.decode_graphs() <= 2
+    finally:
+        engine.stop()
+
+
+def test_views_double_and_are_bought_after_renting_what_they_cost(tiny_eager, graph_mode):
     """Views of all rows double from VIEW_LENGTH up to the whole cache (one row has VIEW_LENGTH and the whole
     cache only): a request beyond VIEW_LENGTH beside another compiles the view that holds them, not the whole
     cache. Then a short request alone runs in the compiled whole-cache one-row view (renting) while the steps
@@ -105,8 +131,8 @@ def test_views_double_and_are_bought_after_renting_what_they_cost(tiny_ours, gra
     long = dict(input_ids=rng.integers(1000, 5000, (1, length + 100)))  # positions 612.. : the 1024 view
     short = rows()[2]  # text only
     n = 6
-    expected = [alone(tiny_ours, c, n) for c in (long, short)]
-    engine = Engine(tiny_ours, max_batch=2, max_len=4 * length).start()
+    expected = [alone(tiny_eager, c, n) for c in (long, short)]
+    engine = Engine(tiny_eager, max_batch=2, max_len=4 * length).start()
     worker = engine.worker
     try:
         assert worker.lengths == [length, 2 * length, 4 * length]

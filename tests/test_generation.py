@@ -153,13 +153,18 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         assert out.shape[1] == case_inputs("text_only")["input_ids"].shape[1] + 40
         graphs = model.compiled_graphs()
         # Every decoder layer of the prompt ran the two shared steps: one graph each. A short generation with no
-        # bucket to run in compiles one with room for the next ones, and decodes it layer by layer (two
-        # graphs of its own and the shared head, layerwise.py).
+        # bucket to run in compiles one with room for the next ones. Under eager it decodes it layer by layer
+        # (two graphs of its own and the shared head, layerwise.py); under sdpa the whole step, whose layers are
+        # one kernel each (generation.decode_kernels), compiles as fast.
         bucket = f"1x{SHORT_CACHE_POSITIONS}"
         attend = "text.attend_fused" if fused else "text.attend"
-        used = ("text.embed", "text.rotary", "text.project", attend, "head", f"write.{bucket}")
-        assert graphs == {**{k: int(k in used) for k in shared + [f"decode.{bucket}", f"write.{bucket}"]},
-                          f"decode_layers.{bucket}": 2}
+        used = ("text.embed", "text.rotary", "text.project", attend, "head", f"write.{bucket}") + \
+            (f"decode.{bucket}",) * fused
+
+        def decode_graphs(bucket, compiled):  # the decode steps of a bucket and their graphs
+            return {f"decode.{bucket}": compiled} if fused else {f"decode.{bucket}": 0, f"decode_layers.{bucket}": 2}
+
+        assert graphs == {**{k: int(k in used) for k in shared + [f"write.{bucket}"]}, **decode_graphs(bucket, 1)}
         # Pin what a compilation costs in steps (measured on the fly, see test_bucket_policy_rents_before_it_buys),
         # so that the generations below rent the bucket whatever this machine's speed, and decode it layer by
         # layer (test_layerwise_and_whole_decode_match_hf covers the switch).
@@ -179,8 +184,7 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         # The first prompt of 16 tokens or more compiled the causal-block attention (so that a long prompt later
         # does not stop to compile it); the shared-mask variants are for prompts whose masks exceed the budget.
         expected = {**{k: int(k not in blocked) for k in shared}, "text.attend_shared_mask": 0,
-                    f"text.attend.{CAUSAL_BLOCKS}": int(not fused), f"decode.{bucket}": 0,
-                    f"decode_layers.{bucket}": 2, f"write.{bucket}": 1}
+                    f"text.attend.{CAUSAL_BLOCKS}": int(not fused), **decode_graphs(bucket, 1), f"write.{bucket}": 1}
         if fused:  # the masked steps never run
             expected["text.attend"] = 0
         assert model.compiled_graphs() == expected
@@ -188,14 +192,14 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
         rows4 = f"4x{SHORT_CACHE_POSITIONS // 4}"
-        assert model.compiled_graphs() == {**expected, f"decode.{rows4}": 0, f"decode_layers.{rows4}": 2,
-                                           f"write.{rows4}": 1}
+        assert model.compiled_graphs() == {**expected, **decode_graphs(rows4, 1), f"write.{rows4}": 1}
         # The decode step holds the model as plain attributes: a call walks no sub-cells on the host.
         runner = model.runners.by_shape[(1, SHORT_CACHE_POSITIONS)]
         assert [name for name, _ in runner.decode.cells_and_names()] == [""]
         # Steps whose one graph serves every call take MindSpore's fast call path after the first (graphs.Step);
         # the whole decode step, a cell the engine calls with several row counts, does not.
-        assert model.model.steps["project"].phase == "increment" and runner.layerwise.decode.layer.phase == "increment"
+        assert model.model.steps["project"].phase == "increment"
+        assert fused or runner.layerwise.decode.layer.phase == "increment"
         assert runner.decode.phase != "increment"
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -226,11 +230,12 @@ def test_layerwise_and_whole_decode_match_hf(tiny_hf):
     """In GRAPH_MODE generate() decodes a bucket layer by layer (layerwise.py) until the tokens asked of it make
     the whole-decoder step worth compiling (Runners.whole_step_after); then the bucket keeps the whole step. Both
     give HF's greedy tokens. The switch comes before a generation, never within one. A fresh model, so that the
-    counts are this test's."""
+    counts are this test's; eager, since under sdpa the whole step's layers are fused kernels that compile fast
+    and no bucket decodes layer by layer (tests/test_decode_kernels.py)."""
     from mindone_qwen2vl import Qwen2VLForConditionalGeneration
     from mindone_qwen2vl.generation import WHOLE_STEP_AFTER, Runners
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False, attn_implementation="eager")
     inputs, n = case_inputs("mixed_left_padded_batch"), 6
     ref = hf_generate(tiny_hf[0], inputs, max_new_tokens=n)
     ms.set_context(mode=ms.GRAPH_MODE)

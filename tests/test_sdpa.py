@@ -1,4 +1,4 @@
-"""The CPU backend's fused attention kernel ("sdpa", cpu_sdpa.py): the operator against a float64 reference, the
+"""The CPU backend's fused attention kernel ("sdpa", cpu_kernels.py): the operator against a float64 reference, the
 models through it against HF, its build cache and its fallback to eager attention."""
 import os
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from mindspore import Tensor, nn
 
-from mindone_qwen2vl import cpu_sdpa
+from mindone_qwen2vl import cpu_kernels
 from tiny import IMAGE, hf_logits, random_pixels, rel_err, vision_block
 
 TOL = 1e-4
@@ -50,7 +50,7 @@ class Causal(nn.Cell):
 
 @pytest.fixture(scope="module")
 def kernels():
-    return cpu_sdpa.kernels()
+    return cpu_kernels.kernels()
 
 
 def _random(shape, seed, scale=1.0):
@@ -173,16 +173,14 @@ def test_many_prompt_lengths_and_images_share_one_attend_graph(tiny_hf, sdpa_our
     assert graphs["vision.attend"] == 1
 
 
-def test_qwen2_5_vl_windows_and_frames_match_hf(ms_mode):
-    import tempfile
-
+def test_qwen2_5_vl_windows_and_frames_match_hf(ms_mode, tmp_path):
     from test_qwen2_5_vl import case_inputs as case25
 
     from mindone_qwen2vl import Qwen2_5_VLForConditionalGeneration
     from tiny import hf_config_2_5, hf_model, save_checkpoint
 
     hf = hf_model(hf_config_2_5(tied=True, tokens_per_second=2), seed=11)
-    folder = save_checkpoint(hf, tempfile.mkdtemp(prefix="tiny_qwen2_5_vl_sdpa_"))
+    folder = save_checkpoint(hf, tmp_path)
     ours = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, progress=False, attn_implementation="sdpa")
     for case in ("several_images", "mixed_left_padded_batch"):
         inputs = case25(case)
@@ -193,39 +191,39 @@ def test_qwen2_5_vl_windows_and_frames_match_hf(ms_mode):
 # ------------------------------------------------------------------------------------------------ build
 def test_the_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(tmp_path))
-    first = cpu_sdpa.build()
+    first = cpu_kernels.build()
     assert first.parent == tmp_path and first.is_file()
     stamp = first.stat().st_mtime_ns
-    assert cpu_sdpa.build() == first and first.stat().st_mtime_ns == stamp  # found, not compiled again
+    assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp  # found, not compiled again
     source = tmp_path / "sdpa.cc"
-    source.write_text(cpu_sdpa.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(cpu_sdpa, "SOURCE", source)
-    assert cpu_sdpa.build() != first  # another source: another library
+    source.write_text(cpu_kernels.SOURCES[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (source,) + cpu_kernels.SOURCES[1:])
+    assert cpu_kernels.build() != first  # another source: another library
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".so") == sorted(
-        [first.name, cpu_sdpa.library_path(os.environ.get("CXX", "g++")).name])
+        [first.name, cpu_kernels.library_path(os.environ.get("CXX", "g++")).name])
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(tmp_path))
     source = tmp_path / "broken.cc"
     source.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_sdpa, "SOURCE", source)
-    with pytest.raises(cpu_sdpa.SdpaUnavailable, match="failed on broken.cc"):
-        cpu_sdpa.build()
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (source,))
+    with pytest.raises(cpu_kernels.KernelsUnavailable, match="failed on broken.cc"):
+        cpu_kernels.build()
     assert [p.name for p in tmp_path.iterdir()] == ["broken.cc"]
-    monkeypatch.setattr(cpu_sdpa, "SOURCE", cpu_sdpa.Path(cpu_sdpa.__file__).parent / "csrc" / "sdpa.cc")
+    monkeypatch.undo()
     monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(source / "kernels"))  # under a file: not writable
-    with pytest.raises(cpu_sdpa.SdpaUnavailable, match="cannot write the kernel cache .*broken.cc/kernels"):
-        cpu_sdpa.build()
+    with pytest.raises(cpu_kernels.KernelsUnavailable, match="cannot write the kernel cache .*broken.cc/kernels"):
+        cpu_kernels.build()
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    with pytest.raises(cpu_sdpa.SdpaUnavailable, match="no C.. compiler: 'no-such-compiler-here'"):
-        cpu_sdpa.build()
+    with pytest.raises(cpu_kernels.KernelsUnavailable, match="no C.. compiler: 'no-such-compiler-here'"):
+        cpu_kernels.build()
 
 
 def test_without_a_compiler_the_policy_warns_and_uses_eager(tmp_path, monkeypatch):
     from mindone_qwen2vl.precision import resolve_policy
 
-    monkeypatch.setattr(cpu_sdpa, "_state", {})  # this process has not built it yet
+    monkeypatch.setattr(cpu_kernels, "_state", {})  # this process has not built it yet
     monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.warns(UserWarning, match="sdpa .* is not available: no C.. compiler"):
@@ -266,10 +264,10 @@ def test_a_library_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
 
     source = tmp_path / "wrong.cc"
     source.write_text(WRONG_KERNEL)
-    monkeypatch.setattr(cpu_sdpa, "SOURCE", source)
-    monkeypatch.setattr(cpu_sdpa, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (source,))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(tmp_path / "kernels"))
-    with pytest.warns(UserWarning, match="sdpa .* is not available: the kernel built at .* computes wrong results"):
+    with pytest.warns(UserWarning, match="sdpa .* is not available: the kernels built at .* compute wrong results"):
         policy = resolve_policy(attn_implementation="sdpa")
     assert policy.attn_implementation == "eager"
 

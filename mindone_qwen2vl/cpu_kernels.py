@@ -1,12 +1,18 @@
-"""The fused attention kernel of the CPU backend ("sdpa"): csrc/sdpa.cc, built for this machine on first use.
+"""The CPU backend's own kernels (csrc/*.cc), built for this machine on first use.
 
-MindSpore's CPU backend has no fused attention; eager attention there computes, holds and reads back every
-score. csrc/sdpa.cc computes softmax(q k^T) v tile by tile with a running maximum and sum (the scores never
-leave the CPU's cache) and runs as a MindSpore "aot" custom operator, in graph mode (dynamic shapes included)
-and in pynative mode. It is built with the machine's C++ compiler (`$CXX`, else g++) for the CPU it runs on
-(-march=native) into a cache directory: $MINDONE_QWEN2VL_KERNEL_CACHE, else ~/.cache/mindone_qwen2vl/kernels.
-The library's name holds a hash of the source, the compiler's flags and the CPU's flags, so a cache shared by
-several machines keeps one build per CPU kind. Float32 only; other dtypes go through it as float32.
+- csrc/sdpa.cc, the "sdpa" attention: MindSpore's CPU backend has no fused attention; eager attention there
+  computes, holds and reads back every score. It computes softmax(q k^T) v tile by tile with a running maximum
+  and sum (the scores never leave the CPU's cache), for the vision tower and the prompt.
+- csrc/decode.cc, a decode step's decoder layer and head: a layer is about 47 kernels on the CPU backend, each
+  a few microseconds for a few hundred multiply-adds at small widths, and oneDNN's product of one row with the
+  embedding table (the head) runs well below the memory's bandwidth. Here each is one operator (see
+  generation.DecodeOneToken).
+
+They run as MindSpore "aot" custom operators, in graph mode (dynamic shapes included) and in pynative mode. The
+library is built with the machine's C++ compiler (`$CXX`, else g++) for the CPU it runs on (-march=native) into a
+cache directory: $MINDONE_QWEN2VL_KERNEL_CACHE, else ~/.cache/mindone_qwen2vl/kernels. Its name holds a hash of
+the sources, the compiler's flags and the CPU's flags, so a cache shared by several machines keeps one build per
+CPU kind. Float32 only; the attention kernels take other dtypes as float32.
 
 Nothing is built at import: `kernels()` builds (or finds) the library the first time a model asks for it, and
 checks it against numpy before handing it out.
@@ -20,13 +26,13 @@ import threading
 from pathlib import Path
 
 CXX_FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
-SOURCE = Path(__file__).resolve().parent / "csrc" / "sdpa.cc"
+SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("sdpa.cc", "decode.cc"))
 
 _lock = threading.Lock()
 _state = {}
 
 
-class SdpaUnavailable(RuntimeError):
+class KernelsUnavailable(RuntimeError):
     """The kernel cannot be built or loaded here; the message says why."""
 
 
@@ -46,9 +52,9 @@ def _cpu_flags():
 
 
 def library_path(compiler):
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + CXX_FLAGS).encode() +
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join([compiler] + CXX_FLAGS).encode() +
                          _cpu_flags().encode()).hexdigest()[:16]
-    return cache_dir() / f"sdpa-{key}.so"
+    return cache_dir() / f"kernels-{key}.so"
 
 
 def build():
@@ -56,7 +62,7 @@ def build():
     starting together never load half a file)."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        raise SdpaUnavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
+        raise KernelsUnavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
     target = library_path(compiler)
     if target.is_file():
         return target
@@ -65,11 +71,13 @@ def build():
         fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=target.parent)
         os.close(fd)
     except OSError as e:
-        raise SdpaUnavailable(f"cannot write the kernel cache {target.parent}: {e.strerror or e}") from None
+        raise KernelsUnavailable(f"cannot write the kernel cache {target.parent}: {e.strerror or e}") from None
     try:
-        done = subprocess.run([compiler, *CXX_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *CXX_FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True,
+                              text=True)
         if done.returncode != 0:
-            raise SdpaUnavailable(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            names = " ".join(s.name for s in SOURCES)
+            raise KernelsUnavailable(f"{compiler} failed on {names}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -78,10 +86,13 @@ def build():
 
 
 class Kernels:
-    """The two operators of the library, as MindSpore Custom primitives:
+    """The library's operators, as MindSpore Custom primitives:
     frame(q [G, Lq, D] or [H, F, Lq, D], k, v [same leading dims, L, D]) -> like q, every key visible;
     causal(q [H, Sq, D], k, v [KVH, S, D], positions [Sq] int32) -> like q, query i sees keys 0..positions[i].
-    Query group g reads key group g // (query groups / key groups) (grouped-query attention)."""
+    Query group g reads key group g // (query groups / key groups) (grouped-query attention).
+    decode_layer(x, cos, sin, mask, rows, key_cache, value_cache, *weights, eps) -> x after the layer, the token's
+    key and value written into the caches (csrc/decode.cc; weights in DecoderLayerWeights' order);
+    decode_head(x [R, E], norm [E], weight [V, E], eps [1]) -> logits [R, V]."""
 
     def __init__(self, path):
         from mindspore import ops
@@ -101,11 +112,17 @@ class Kernels:
         self.path = path
         self.frame = op("FrameAttention", ("q", "k", "v"), (f32, f32, f32))
         self.causal = op("CausalAttention", ("q", "k", "v", "positions"), (f32, f32, f32, i32))
+        layer_inputs = ("x", "cos", "sin", "mask", "rows", "key_cache", "value_cache", "input_norm", "q_weight",
+                        "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "post_norm",
+                        "gate_weight", "up_weight", "down_weight", "eps")
+        self.decode_layer = op("DecodeLayer", layer_inputs, (f32,) * 4 + (i32,) + (f32,) * 15)
+        self.decode_head = op("DecodeHead", ("x", "norm", "weight", "eps"), (f32,) * 4)
 
 
 def check(kernels):
-    """Both operators on a small input against numpy (float64): a library that does not load, or computes wrong,
-    is found here, once per process, rather than in the middle of a request."""
+    """The attention operators and the head on small inputs against numpy (float64): a library that does not load,
+    or computes wrong, is found here, once per process, rather than in the middle of a request. (The decode layer
+    is checked against the model's own layer by the tests.)"""
     import numpy as np
     from mindspore import Tensor
 
@@ -123,24 +140,30 @@ def check(kernels):
             got = kernels.frame(Tensor(q), Tensor(k), Tensor(v))
         err = float(np.abs(got.asnumpy().reshape(want.shape) - want).max())
         if not err < 1e-5:
-            raise SdpaUnavailable(f"the kernel built at {kernels.path} computes wrong results (error {err:.1e})")
+            raise KernelsUnavailable(f"the kernels built at {kernels.path} compute wrong results (error {err:.1e})")
+    x, norm, weight = rng.standard_normal((3, 16)), rng.standard_normal(16), rng.standard_normal((40, 16))
+    want = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * norm) @ weight.T
+    got = kernels.decode_head(*(Tensor(a.astype(np.float32)) for a in (x, norm, weight, np.array([1e-6]))))
+    err = float(np.abs(got.asnumpy() - want).max())
+    if not err < 1e-4:
+        raise KernelsUnavailable(f"the kernels built at {kernels.path} compute wrong results (error {err:.1e})")
 
 
 def kernels():
-    """The kernels, built, loaded and checked once per process; SdpaUnavailable says why they cannot be."""
+    """The kernels, built, loaded and checked once per process; KernelsUnavailable says why they cannot be."""
     with _lock:
         if "kernels" not in _state:
             try:
                 found = Kernels(str(build()))
                 check(found)
                 _state["kernels"] = found
-            except SdpaUnavailable as e:
+            except KernelsUnavailable as e:
                 _state["kernels"] = e
             except (OSError, TypeError, RuntimeError) as e:  # MindSpore refusing or failing to load the library
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                _state["kernels"] = SdpaUnavailable(f"MindSpore did not run the kernel: {first}")
+                _state["kernels"] = KernelsUnavailable(f"MindSpore did not run the kernel: {first}")
         found = _state["kernels"]
-    if isinstance(found, SdpaUnavailable):
+    if isinstance(found, KernelsUnavailable):
         raise found
     return found
 
@@ -150,5 +173,5 @@ def available():
     try:
         kernels()
         return True, None
-    except SdpaUnavailable as e:
+    except KernelsUnavailable as e:
         return False, str(e)

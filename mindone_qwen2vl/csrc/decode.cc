@@ -1,0 +1,216 @@
+// One decoder layer for one token per row, and the final norm with the vocabulary projection, for MindSpore's CPU
+// backend (float32 "aot" custom operators). A decode step has little arithmetic; on the CPU backend its cost is
+// the ~47 kernels a layer launches, and oneDNN's matrix-vector product over the 151936-row embedding table runs
+// at a fraction of the memory bandwidth. Both are one pass over the weights here.
+//   DecodeLayer(x [B, E], cos, sin [B, H + 2 KVH, D], mask [B, 1, 1, L], rows [B, KVH] int32,
+//               key_cache, value_cache [B' * KVH * L, D] (B' >= B), input_norm [E], q_w [H D, E], q_b [H D],
+//               k_w [KVH D, E], k_b, v_w, v_b [KVH D], o_w [E, H D], post_norm [E], gate_w, up_w [I, E],
+//               down_w [E, I], eps [1]) -> [B, E]
+//     Qwen2's layer as modeling_text computes it: the rotary tables carry the query scale (value rows: cos 1,
+//     sin 0), the token's key and value are written into the caches at `rows` (in place) before attending, a
+//     key whose mask is float32's minimum weighs nothing and is not read.
+//   DecodeHead(x [R, E], norm [E], weight [V, E], eps [1]) -> [R, V]: RMSNorm, then x W^T.
+// Weights are [out, in] as torch stores them: each output is a dot product over a contiguous weight row.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#include <sched.h>
+
+namespace {
+
+int Threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Rows of a matrix-vector product per thread task; a second thread only pays for itself over about 256K weights
+// (1 MB read).
+constexpr int64_t kParallelWeights = 1 << 18;
+
+template <typename F>
+void ForRanges(int64_t n, int64_t weights, F fn) {
+  const int threads = weights < kParallelWeights ? 1 : static_cast<int>(std::min<int64_t>(Threads(), n));
+  if (threads <= 1) return fn(0, n);
+  std::vector<std::thread> pool;
+  const int64_t step = (n + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t a = std::min(n, t * step), z = std::min(n, a + step);
+    pool.emplace_back([=] { fn(a, z); });
+  }
+  fn(0, std::min(n, step));
+  for (auto &t : pool) t.join();
+}
+
+inline float Dot(const float *a, const float *b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y [R, N] = x [R, K] w^T (+ b), w [N, K]; each weight row is read once for up to four rows of x.
+void Linear(const float *x, int64_t r, int64_t k, const float *w, const float *b, int64_t n, float *y) {
+  ForRanges(n, n * k, [=](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const float *wo = w + o * k;
+      const float bias = b ? b[o] : 0.f;
+      int64_t i = 0;
+      for (; i + 4 <= r; i += 4) {
+        const float *x0 = x + i * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        for (int64_t e = 0; e < k; ++e) {
+          const float we = wo[e];
+          s0 += x0[e] * we;
+          s1 += x1[e] * we;
+          s2 += x2[e] * we;
+          s3 += x3[e] * we;
+        }
+        y[i * n + o] = s0 + bias;
+        y[(i + 1) * n + o] = s1 + bias;
+        y[(i + 2) * n + o] = s2 + bias;
+        y[(i + 3) * n + o] = s3 + bias;
+      }
+      for (; i < r; ++i) y[i * n + o] = Dot(x + i * k, wo, k) + bias;
+    }
+  });
+}
+
+void RmsNorm(const float *x, int64_t r, int64_t e, const float *w, float eps, float *y) {
+  for (int64_t i = 0; i < r; ++i) {
+    const float *xi = x + i * e;
+    float *yi = y + i * e;
+    const float scale = 1.f / std::sqrt(Dot(xi, xi, e) / static_cast<float>(e) + eps);
+    for (int64_t j = 0; j < e; ++j) yi[j] = xi[j] * scale * w[j];
+  }
+}
+
+bool AllFloat32(int from, int to, const char **dtypes) {
+  for (int i = from; i < to; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
+int64_t Elements(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= shape[i];
+  return n;
+}
+
+enum Layer {
+  kX, kCos, kSin, kMask, kRows, kKeyCache, kValueCache, kInputNorm, kQW, kQB, kKW, kKB, kVW, kVB, kOW, kPostNorm,
+  kGateW, kUpW, kDownW, kEps, kLayerInputs
+};
+
+}  // namespace
+
+class AotExtra;
+
+extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != kLayerInputs + 1 || std::strcmp(dtypes[kRows], "int32") != 0) return 1;
+  if (!AllFloat32(0, kRows, dtypes) || !AllFloat32(kKeyCache, kLayerInputs, dtypes)) return 1;
+  if (ndims[kX] != 2 || ndims[kCos] != 3 || ndims[kMask] != 4 || ndims[kRows] != 2 || ndims[kKeyCache] != 2)
+    return 1;
+  const int64_t b = shapes[kX][0], e = shapes[kX][1], n = shapes[kCos][1], d = shapes[kCos][2];
+  const int64_t kvh = shapes[kRows][1], l = shapes[kMask][3], h = n - 2 * kvh, inter = shapes[kGateW][0];
+  // The cache may hold more rows than the step runs (the engine's first rows): its row r starts at r * kvh * l.
+  const int64_t cache_rows = shapes[kKeyCache][0];
+  if (h <= 0 || h % kvh || cache_rows < b * kvh * l || cache_rows % (kvh * l) || shapes[kKeyCache][1] != d ||
+      shapes[kQW][0] != h * d || shapes[kKW][0] != kvh * d || shapes[kOW][1] != h * d)
+    return 1;
+  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const float *x = in(kX), *cos = in(kCos), *sin = in(kSin), *mask = in(kMask);
+  const int32_t *rows = static_cast<const int32_t *>(params[kRows]);
+  float *key_cache = static_cast<float *>(params[kKeyCache]), *value_cache = static_cast<float *>(params[kValueCache]);
+  const float eps = in(kEps)[0];
+  float *out = static_cast<float *>(params[kLayerInputs]);
+
+  std::vector<float> norm(b * e), qkv(b * n * d), rotated(b * n * d), attn(b * h * d), scores(l), hidden(b * e);
+  std::vector<float> gate(b * inter), up(b * inter);
+  RmsNorm(x, b, e, in(kInputNorm), eps, norm.data());
+  // q, k and v side by side per row, as the rotary tables are laid out.
+  std::vector<float> part(b * std::max(h, kvh) * d);
+  const int64_t widths[3] = {h * d, kvh * d, kvh * d}, offsets[3] = {0, h * d, (h + kvh) * d};
+  const int weight[3] = {kQW, kKW, kVW}, bias[3] = {kQB, kKB, kVB};
+  for (int p = 0; p < 3; ++p) {
+    Linear(norm.data(), b, e, in(weight[p]), in(bias[p]), widths[p], part.data());
+    for (int64_t i = 0; i < b; ++i)
+      std::memcpy(&qkv[i * n * d + offsets[p]], &part[i * widths[p]], widths[p] * sizeof(float));
+  }
+  // Rotary: x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1).
+  const int64_t half = d / 2;
+  for (int64_t r = 0; r < b * n; ++r) {
+    const float *v = &qkv[r * d], *c = cos + r * d, *s = sin + r * d;
+    float *o = &rotated[r * d];
+    for (int64_t j = 0; j < half; ++j) {
+      o[j] = v[j] * c[j] - v[j + half] * s[j];
+      o[j + half] = v[j + half] * c[j + half] + v[j] * s[j + half];
+    }
+  }
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t g = 0; g < kvh; ++g) {
+      const int64_t row = rows[i * kvh + g];
+      if (row < 0 || row >= cache_rows) return 1;
+      std::memcpy(key_cache + row * d, &rotated[(i * n + h + g) * d], d * sizeof(float));
+      std::memcpy(value_cache + row * d, &rotated[(i * n + h + kvh + g) * d], d * sizeof(float));
+    }
+  const int64_t rep = h / kvh;
+  for (int64_t i = 0; i < b; ++i) {
+    const float *m = mask + i * l;
+    for (int64_t j = 0; j < h; ++j) {
+      const int64_t base = (i * kvh + j / rep) * l;
+      const float *q = &rotated[(i * n + j) * d];
+      float top = -FLT_MAX;
+      for (int64_t p = 0; p < l; ++p) {
+        if (m[p] == -FLT_MAX) continue;
+        scores[p] = Dot(q, key_cache + (base + p) * d, d) + m[p];
+        top = std::max(top, scores[p]);
+      }
+      float *o = &attn[(i * h + j) * d];
+      std::fill(o, o + d, 0.f);
+      float sum = 0.f;
+      for (int64_t p = 0; p < l; ++p) {
+        if (m[p] == -FLT_MAX) continue;
+        const float w = std::exp(scores[p] - top);
+        sum += w;
+        const float *v = value_cache + (base + p) * d;
+        for (int64_t c = 0; c < d; ++c) o[c] += w * v[c];
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      for (int64_t c = 0; c < d; ++c) o[c] *= inv;
+    }
+  }
+  Linear(attn.data(), b, h * d, in(kOW), nullptr, e, hidden.data());
+  for (int64_t i = 0; i < b * e; ++i) hidden[i] += x[i];
+  RmsNorm(hidden.data(), b, e, in(kPostNorm), eps, norm.data());
+  Linear(norm.data(), b, e, in(kGateW), nullptr, inter, gate.data());
+  Linear(norm.data(), b, e, in(kUpW), nullptr, inter, up.data());
+  for (int64_t i = 0; i < b * inter; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  Linear(gate.data(), b, inter, in(kDownW), nullptr, e, out);
+  for (int64_t i = 0; i < b * e; ++i) out[i] += hidden[i];
+  return 0;
+}
+
+extern "C" std::vector<int64_t> DecodeLayerInferShape(int *ndims, int64_t **shapes, AotExtra *) {
+  return std::vector<int64_t>(shapes[kX], shapes[kX] + ndims[kX]);
+}
+
+extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 5 || !AllFloat32(0, 4, dtypes) || ndims[0] != 2 || ndims[2] != 2) return 1;
+  const int64_t r = shapes[0][0], e = shapes[0][1], v = shapes[2][0];
+  if (shapes[2][1] != e || Elements(ndims[1], shapes[1]) != e) return 1;
+  std::vector<float> norm(r * e);
+  RmsNorm(static_cast<const float *>(params[0]), r, e, static_cast<const float *>(params[1]),
+          static_cast<const float *>(params[3])[0], norm.data());
+  Linear(norm.data(), r, e, static_cast<const float *>(params[2]), nullptr, v, static_cast<float *>(params[4]));
+  return 0;
+}
+
+extern "C" std::vector<int64_t> DecodeHeadInferShape(int *ndims, int64_t **shapes, AotExtra *) {
+  return {shapes[0][0], shapes[2][0]};
+}
