@@ -4,7 +4,8 @@
 - "flash_attention_2": `ops.flash_attention_score` (Ascend only; see precision.py for when it is chosen), in
   the documented BNSD layout with a boolean mask of the discarded keys.
 - "sdpa": the CPU backend's fused kernel (cpu_kernels.py, csrc/sdpa.cc), float32, for the vision tower and the
-  prompt; it never holds the scores. Decode steps (one query a row over a masked cache) stay eager.
+  prompt; it never holds the scores. Its decode steps run csrc/decode.cc's layer kernels
+  (generation.DecodeOneToken), not these functions.
 
 Queries arrive already multiplied by the attention scale (the rotary tables carry it). Eager attention holds
 float32 scores for every query at once, so callers with long sequences split the queries into blocks on the

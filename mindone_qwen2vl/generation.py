@@ -295,6 +295,7 @@ class DecodeOneToken(Step):
         object.__setattr__(self, "lm_head", model.lm_head)
         object.__setattr__(self, "storage", getattr(cache, "cache", cache))  # a CacheView's StaticCache, or cache
         object.__setattr__(self, "kernels", decode_kernels(model))
+        object.__setattr__(self, "layer_weights", tuple(tuple(layer.weights()) for layer in model.model.layers))
         self.fused = self.kernels is not None
         self.eps = Tensor(np.array([model.config.text_config.rms_norm_eps], np.float32))
 
@@ -305,7 +306,7 @@ class DecodeOneToken(Step):
         # The three M-RoPE axes advance together after the prompt.
         position_ids = ops.broadcast_to(rope_position.reshape(1, b, 1), (3, b, 1))
         text, cache = self.text, self.cache
-        x, mask, rows = text.embed_tokens(input_ids), cache.attention_mask(cache_position), cache.rows(cache_position)
+        x, rows = text.embed_tokens(input_ids), cache.rows(cache_position)
         if self.fused:
             # The kernel reads the positions each row's mask shows and nothing else, so a view of the cache
             # (engine.Worker) is its whole storage with the whole-length mask. Each layer writes its key and value
@@ -313,10 +314,11 @@ class DecodeOneToken(Step):
             storage = self.storage
             mask = storage.attention_mask(cache_position)
             cos, sin = text.rotary_emb(position_ids)
-            for i, layer in enumerate(text.layers):
+            for i, weights in enumerate(self.layer_weights):
                 kv = storage.layers[i]
-                x = self.kernels.decode_layer(x, cos, sin, mask, rows, kv.key, kv.value, *layer.weights(), self.eps)
+                x = self.kernels.decode_layer(x, cos, sin, mask, rows, kv.key, kv.value, *weights, self.eps)
             return self.kernels.decode_head(x, text.norm.weight, self.lm_head.weight, self.eps)
+        mask = cache.attention_mask(cache_position)
         return self.lm_head(text(x, position_ids, mask, cache.layers, rows)).astype(ms.float32)
 
 

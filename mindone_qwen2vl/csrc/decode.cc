@@ -28,13 +28,12 @@ int Threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Rows of a matrix-vector product per thread task; a second thread only pays for itself over about 256K weights
-// (1 MB read).
+// A second thread only pays for itself over about 256K multiply-adds (1 MB of float32 weights read once).
 constexpr int64_t kParallelWeights = 1 << 18;
 
 template <typename F>
-void ForRanges(int64_t n, int64_t weights, F fn) {
-  const int threads = weights < kParallelWeights ? 1 : static_cast<int>(std::min<int64_t>(Threads(), n));
+void ForRanges(int64_t n, int64_t work, F fn) {
+  const int threads = work < kParallelWeights ? 1 : static_cast<int>(std::min<int64_t>(Threads(), n));
   if (threads <= 1) return fn(0, n);
   std::vector<std::thread> pool;
   const int64_t step = (n + threads - 1) / threads;
@@ -129,7 +128,7 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   const float eps = in(kEps)[0];
   float *out = static_cast<float *>(params[kLayerInputs]);
 
-  std::vector<float> norm(b * e), qkv(b * n * d), rotated(b * n * d), attn(b * h * d), scores(l), hidden(b * e);
+  std::vector<float> norm(b * e), qkv(b * n * d), rotated(b * n * d), attn(b * h * d), hidden(b * e);
   std::vector<float> gate(b * inter), up(b * inter);
   RmsNorm(x, b, e, in(kInputNorm), eps, norm.data());
   // q, k and v side by side per row, as the rotary tables are laid out.
@@ -158,10 +157,16 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
       std::memcpy(key_cache + row * d, &rotated[(i * n + h + g) * d], d * sizeof(float));
       std::memcpy(value_cache + row * d, &rotated[(i * n + h + kvh + g) * d], d * sizeof(float));
     }
+  // Attention, one (row, head) a task; at the 2B widths (12 heads of 128 over thousands of positions) the tasks
+  // are worth spreading over the cores.
   const int64_t rep = h / kvh;
-  for (int64_t i = 0; i < b; ++i) {
-    const float *m = mask + i * l;
-    for (int64_t j = 0; j < h; ++j) {
+  int64_t visible = 0;  // (row, position) pairs the mask shows
+  for (int64_t p = 0; p < b * l; ++p) visible += mask[p] != -FLT_MAX;
+  ForRanges(b * h, 2 * visible * h * d, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(l);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / h, j = t % h;
+      const float *m = mask + i * l;
       const int64_t base = (i * kvh + j / rep) * l;
       const float *q = &rotated[(i * n + j) * d];
       float top = -FLT_MAX;
@@ -170,7 +175,7 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
         scores[p] = Dot(q, key_cache + (base + p) * d, d) + m[p];
         top = std::max(top, scores[p]);
       }
-      float *o = &attn[(i * h + j) * d];
+      float *o = &attn[t * d];
       std::fill(o, o + d, 0.f);
       float sum = 0.f;
       for (int64_t p = 0; p < l; ++p) {
@@ -183,7 +188,7 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
       const float inv = sum > 0.f ? 1.f / sum : 0.f;
       for (int64_t c = 0; c < d; ++c) o[c] *= inv;
     }
-  }
+  });
   Linear(attn.data(), b, h * d, in(kOW), nullptr, e, hidden.data());
   for (int64_t i = 0; i < b * e; ++i) hidden[i] += x[i];
   RmsNorm(hidden.data(), b, e, in(kPostNorm), eps, norm.data());
