@@ -126,6 +126,11 @@ def check(kernels):
     import numpy as np
     from mindspore import Tensor
 
+    def agree(got, want, tolerance):
+        err = float(np.abs(got.asnumpy().reshape(want.shape) - want).max())
+        if not err < tolerance:
+            raise KernelsUnavailable(f"the kernels built at {kernels.path} compute wrong results (error {err:.1e})")
+
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 1, 5, 16)).astype(np.float32) for _ in range(3))
     scores = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2)
@@ -135,19 +140,12 @@ def check(kernels):
         want = (p / p.sum(-1, keepdims=True)) @ v
         if causal:
             positions = Tensor(np.arange(5, dtype=np.int32))
-            got = kernels.causal(Tensor(q[:, 0]), Tensor(k[:, 0]), Tensor(v[:, 0]), positions)
+            agree(kernels.causal(Tensor(q[:, 0]), Tensor(k[:, 0]), Tensor(v[:, 0]), positions), want, 1e-5)
         else:
-            got = kernels.frame(Tensor(q), Tensor(k), Tensor(v))
-        err = float(np.abs(got.asnumpy().reshape(want.shape) - want).max())
-        if not err < 1e-5:
-            raise KernelsUnavailable(f"the kernels built at {kernels.path} compute wrong results (error {err:.1e})")
+            agree(kernels.frame(Tensor(q), Tensor(k), Tensor(v)), want, 1e-5)
     x, norm, weight = rng.standard_normal((3, 16)), rng.standard_normal(16), rng.standard_normal((40, 16))
     want = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * norm) @ weight.T
-    got = kernels.decode_head(*(Tensor(a.astype(np.float32)) for a in (x, norm, weight, np.array([1e-6]))))
-    err = float(np.abs(got.asnumpy() - want).max())
-    if not err < 1e-4:
-        raise KernelsUnavailable(f"the kernels built at {kernels.path} compute wrong results (error {err:.1e})")
-
+    agree(kernels.decode_head(*(Tensor(a.astype(np.float32)) for a in (x, norm, weight, np.array([1e-6])))), want, 1e-4)
 
 def kernels():
     """The kernels, built, loaded and checked once per process; KernelsUnavailable says why they cannot be."""

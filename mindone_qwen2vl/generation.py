@@ -41,7 +41,10 @@ HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repeti
 # the bucket decodes layer by layer, see below). When no compiled bucket holds a short generation (fewer than
 # SHORT_GENERATION new tokens), the bucket compiled has room to spare (twice the need, and SHORT_CACHE_POSITIONS
 # shared by the rows), so that the next short requests fit it: in a stream of 32 requests of 27 to 2154 prompt
-# tokens and 8 new tokens, one decode compilation instead of five.
+# tokens and 8 new tokens, one decode compilation instead of five. Under sdpa on the CPU backend (decode_kernels)
+# a step reads only the positions its rows see, so it costs the same in any bucket that holds the generation:
+# a generation always runs in a compiled bucket that holds it (at `2b-slice` the measured rule bought four more
+# buckets in a 12-request stream, for nothing).
 MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
@@ -400,7 +403,11 @@ class Runners:
         key = (rows, length)
         if key not in self.by_shape:
             longer = sorted(n for r, n in self.by_shape if r == rows and n > length)
-            if longer:
+            if longer and self.by_shape[rows, longer[0]].decode.fused:
+                # Its kernels read only the positions each row sees: a step costs the same in any bucket that
+                # holds the generation, and a tighter one would only cost a compilation and its cache's memory.
+                key = (rows, longer[0])
+            elif longer:
                 holder = self.by_shape[rows, longer[0]]
                 budget = holder.steps_per_compilation()
                 if budget is None:  # its whole step not measured yet

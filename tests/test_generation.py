@@ -205,13 +205,29 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-def test_bucket_policy_rents_before_it_buys(tiny_ours):
-    """Runners.get: with no bucket compiled, a long generation gets its tightest bucket and a short one a bucket
-    with room; a generation then runs in a longer compiled bucket until the steps run that way for its own
-    bucket cost what a compilation costs (both measured: first_call_s, step_s), and then gets its own."""
+def test_fused_buckets_are_never_bought_tighter(tiny_ours):
+    """Under sdpa a decode step reads only the positions its rows see: a generation runs in any compiled bucket
+    that holds it, however long its own would be and however many tokens it asks for."""
     from mindone_qwen2vl.generation import Runners
 
     runners = Runners(tiny_ours)
+    big = runners.get(1, 900, new_tokens=8)
+    assert big.decode.fused and big.length == 4096
+    for _ in range(3):
+        assert runners.get(1, 300, new_tokens=10 ** 5) is big
+    assert list(runners.by_shape) == [(1, 4096)]
+    assert runners.get(1, 5000, new_tokens=8).length == 16384  # nothing holds it: a bucket of its own
+    assert runners.get(2, 300, new_tokens=8).rows == 2  # other rows: another bucket
+
+
+def test_bucket_policy_rents_before_it_buys(tiny_eager):
+    """Runners.get: with no bucket compiled, a long generation gets its tightest bucket and a short one a bucket
+    with room; a generation then runs in a longer compiled bucket until the steps run that way for its own
+    bucket cost what a compilation costs (both measured: first_call_s, step_s), and then gets its own. (Eager:
+    under sdpa the step costs the same in any bucket, test_fused_buckets_are_never_bought_tighter.)"""
+    from mindone_qwen2vl.generation import Runners
+
+    runners = Runners(tiny_eager)
     assert (runners.get(1, 300, new_tokens=100).rows, runners.get(1, 300, new_tokens=100).length) == (1, 512)
     assert runners.get(1, 900, new_tokens=8).length == 4096  # short, nothing holds it: room to spare
     big = runners.by_shape[1, 4096]
