@@ -187,7 +187,7 @@ def check_media(config, pixels, grid, kind="image", names=None):
     if p.ndim != 2 or p.shape != (patches, width):
         raise ValueError(f"{pname} must be [{patches}, {width}] for {gname} {g.tolist()} (patches x channels * "
                          f"temporal patch * patch^2), got shape {tuple(p.shape)}")
-    p = p.astype(np.float32)
+    p = p.astype(np.float32, copy=False)  # float32 pixels are not copied: nothing writes into them
     if not np.isfinite(p).all():
         raise ValueError(f"{pname} holds {int((~np.isfinite(p)).sum())} values that are not finite (NaN or inf)")
     return p, g

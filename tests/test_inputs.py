@@ -116,3 +116,20 @@ def test_bf16_and_torch_inputs_are_accepted(tiny_ours):
     for given in (as_bf16, ms.Tensor(exact).astype(ms.bfloat16)):
         got = tiny_ours.forward(**image_inputs(pixel_values=given, input_ids=torch.from_numpy(inputs["input_ids"])))
         np.testing.assert_array_equal(got.logits.asnumpy(), want)
+
+
+def test_float32_pixels_are_read_in_place_and_left_as_they_were(tiny_ours):
+    """Checked float32 pixels are the caller's own array (no copy of up to 47 MB a large image), and neither a
+    forward nor a generation writes into it; other float dtypes are converted."""
+    from mindone_qwen2vl.inputs import check_media
+
+    inputs = image_inputs()
+    pixels = inputs["pixel_values"].astype(np.float32)
+    kept = pixels.copy()
+    checked, _ = check_media(tiny_ours.config, pixels, inputs["image_grid_thw"])
+    assert checked is pixels
+    assert check_media(tiny_ours.config, pixels.astype(np.float64), inputs["image_grid_thw"])[0].dtype == np.float32
+    inputs["pixel_values"] = pixels
+    tiny_ours(**inputs)
+    tiny_ours.generate(**inputs, max_new_tokens=2)
+    np.testing.assert_array_equal(pixels, kept)
