@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 #include <sched.h>
@@ -39,7 +41,11 @@ void ForRanges(int64_t n, int64_t work, F fn) {
   const int64_t step = (n + threads - 1) / threads;
   for (int t = 1; t < threads; ++t) {
     const int64_t a = std::min(n, t * step), z = std::min(n, a + step);
-    pool.emplace_back([=] { fn(a, z); });
+    try {
+      pool.emplace_back([=] { fn(a, z); });
+    } catch (const std::system_error &) {
+      fn(a, z);  // no thread to be had: this one takes the range
+    }
   }
   fn(0, std::min(n, step));
   for (auto &t : pool) t.join();
@@ -99,17 +105,12 @@ int64_t Elements(int nd, const int64_t *shape) {
   return n;
 }
 
-enum Layer {
+enum LayerInput {
   kX, kCos, kSin, kMask, kRows, kKeyCache, kValueCache, kInputNorm, kQW, kQB, kKW, kKB, kVW, kVB, kOW, kPostNorm,
   kGateW, kUpW, kDownW, kEps, kLayerInputs
 };
 
-}  // namespace
-
-class AotExtra;
-
-extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                           void *stream, void *extra) {
+int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != kLayerInputs + 1 || std::strcmp(dtypes[kRows], "int32") != 0) return 1;
   if (!AllFloat32(0, kRows, dtypes) || !AllFloat32(kKeyCache, kLayerInputs, dtypes)) return 1;
   if (ndims[kX] != 2 || ndims[kCos] != 3 || ndims[kMask] != 4 || ndims[kRows] != 2 || ndims[kKeyCache] != 2)
@@ -200,12 +201,7 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
-extern "C" std::vector<int64_t> DecodeLayerInferShape(int *ndims, int64_t **shapes, AotExtra *) {
-  return std::vector<int64_t>(shapes[kX], shapes[kX] + ndims[kX]);
-}
-
-extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
+int Head(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !AllFloat32(0, 4, dtypes) || ndims[0] != 2 || ndims[2] != 2) return 1;
   const int64_t r = shapes[0][0], e = shapes[0][1], v = shapes[2][0];
   if (shapes[2][1] != e || Elements(ndims[1], shapes[1]) != e) return 1;
@@ -214,6 +210,35 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
           static_cast<const float *>(params[3])[0], norm.data());
   Linear(norm.data(), r, e, static_cast<const float *>(params[2]), nullptr, v, static_cast<float *>(params[4]));
   return 0;
+}
+
+// Exceptions (no memory for the work buffers) become an error MindSpore reports; one crossing the C call would
+// abort the process.
+template <typename F>
+int Guarded(F fn) {
+  try {
+    return fn();
+  } catch (const std::exception &) {
+    return 1;
+  }
+}
+
+}  // namespace
+
+class AotExtra;
+
+extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  return Guarded([&] { return Layer(nparam, params, ndims, shapes, dtypes); });
+}
+
+extern "C" std::vector<int64_t> DecodeLayerInferShape(int *ndims, int64_t **shapes, AotExtra *) {
+  return std::vector<int64_t>(shapes[kX], shapes[kX] + ndims[kX]);
+}
+
+extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  return Guarded([&] { return Head(nparam, params, ndims, shapes, dtypes); });
 }
 
 extern "C" std::vector<int64_t> DecodeHeadInferShape(int *ndims, int64_t **shapes, AotExtra *) {

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 #include <sched.h>
@@ -174,7 +176,13 @@ void Run(Problem p) {
     }
   };
   std::vector<std::thread> pool;
-  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+  for (int i = 1; i < threads; ++i) {
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error &) {
+      break;  // no more threads to be had: the ones running (this one included) take every task
+    }
+  }
   worker();
   for (auto &t : pool) t.join();
 }
@@ -209,20 +217,30 @@ bool Read(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 
 class AotExtra;
 
+namespace {
+
+// Exceptions (no memory for the tiles) become an error MindSpore reports; one crossing the C call would abort.
+int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool causal) {
+  Problem p;
+  if (!Read(nparam, params, ndims, shapes, dtypes, causal, &p)) return 1;
+  try {
+    Run(p);
+  } catch (const std::exception &) {
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
 extern "C" int FrameAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  Problem p;
-  if (!Read(nparam, params, ndims, shapes, dtypes, false, &p)) return 1;
-  Run(p);
-  return 0;
+  return Attend(nparam, params, ndims, shapes, dtypes, false);
 }
 
 extern "C" int CausalAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  Problem p;
-  if (!Read(nparam, params, ndims, shapes, dtypes, true, &p)) return 1;
-  Run(p);
-  return 0;
+  return Attend(nparam, params, ndims, shapes, dtypes, true);
 }
 
 // The output has the queries' shape (MindSpore calls these when a graph's shapes are dynamic).
