@@ -30,6 +30,33 @@ def as_arguments(params):
     return tuple(None if p is None else Tensor(p) for p in params)
 
 
+class LayerArguments:
+    """A layer's weights() as step arguments (as_arguments), made again only when a parameter's memory has
+    changed (Parameter.set_data gives it new memory; the arguments share the old one). Checking costs about
+    0.2 us a parameter against 5.5 us for making an argument: 28 layers x 12 weights at every prompt and every
+    layer-wise decode token."""
+
+    def __init__(self, layer):
+        self.params = tuple(layer.weights())
+        self.memory, self.args = None, None
+
+    def __call__(self):
+        memory = tuple(None if p is None else p.data_ptr() for p in self.params)
+        if memory != self.memory:
+            self.memory, self.args = memory, as_arguments(self.params)
+        return self.args
+
+
+def layer_arguments(owner, layers):
+    """[LayerArguments] of `layers`, kept on the cell `owner` from its first call on: by then any tensor-parallel
+    sharding (which replaces the layers' cells and their parameters) has happened."""
+    found = owner.__dict__.get("_layer_arguments")
+    if found is None:
+        found = [LayerArguments(layer) for layer in layers]
+        object.__setattr__(owner, "_layer_arguments", found)  # a plain attribute: no cell or parameter of its own
+    return found
+
+
 class Linear(nn.Cell):
     """y = x @ W^T + b with W stored [out, in] as in torch."""
 

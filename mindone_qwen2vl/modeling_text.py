@@ -20,7 +20,7 @@ from .attention import (CAUSAL_BLOCKS, MASK_MIN, causal_blocks, causal_edges, ca
 from .config import Qwen2VLTextConfig
 from .graphs import Step, dynamic, like
 from .kernels import PortableKernels, kernels_for, rotate_half_matrix, split
-from .layers import Embedding, Linear, RMSNorm, as_arguments
+from .layers import Embedding, Linear, RMSNorm, layer_arguments
 from .precision import PrecisionPolicy
 
 
@@ -369,8 +369,8 @@ class Qwen2VLTextModel(nn.Cell):
             warm = (causal, call_args(0, s, CAUSAL_BLOCKS, True))
 
         x, kv = inputs_embeds, []
-        for i, layer in enumerate(self.layers):
-            w = as_arguments(layer.weights())
+        for i, arguments in enumerate(layer_arguments(self, self.layers)):
+            w = arguments()
             q, k, v = self.steps["project"](x, cos, sin, *w)
             if warm is not None:
                 warm[0](x, q, k, v, *warm[1], *w)

@@ -20,7 +20,7 @@ from .attention import flash_kernel, frame_attention, query_blocks, segment_batc
 from .config import Qwen2VLVisionConfig
 from .graphs import HotLayouts, Step, dynamic, like
 from .kernels import PortableKernels, broadcast, kernels_for, rotate_half_matrix, split
-from .layers import LayerNorm, Linear, as_arguments, new_param
+from .layers import LayerNorm, Linear, layer_arguments, new_param
 from .precision import PrecisionPolicy
 
 
@@ -485,9 +485,9 @@ class Qwen2VisionTransformer(nn.Cell):
         project, attend = self.steps["project"], self.steps["attend"]
         if static:
             project, attend = project.static, attend.static
-        for i, blk in enumerate(self.blocks):
+        for i, arguments in enumerate(layer_arguments(self, self.blocks)):
             calls, unpad = layouts["windows" if self.windowed(i) else "frames"]
-            w = as_arguments(blk.weights())
+            w = arguments()
             q, k, v = project(x, cos, sin, *w)
             outs = [attend(x, q, k, v, query_rows, segments, *w) for query_rows, segments in calls]
             x = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
