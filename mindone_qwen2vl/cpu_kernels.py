@@ -33,7 +33,7 @@ _state = {}
 
 
 class KernelsUnavailable(RuntimeError):
-    """The kernel cannot be built or loaded here; the message says why."""
+    """The kernels cannot be built or loaded here; the message says why."""
 
 
 def cache_dir():
@@ -145,7 +145,9 @@ def check(kernels):
             agree(kernels.frame(Tensor(q), Tensor(k), Tensor(v)), want, 1e-5)
     x, norm, weight = rng.standard_normal((3, 16)), rng.standard_normal(16), rng.standard_normal((40, 16))
     want = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * norm) @ weight.T
-    agree(kernels.decode_head(*(Tensor(a.astype(np.float32)) for a in (x, norm, weight, np.array([1e-6])))), want, 1e-4)
+    head = kernels.decode_head(*(Tensor(a.astype(np.float32)) for a in (x, norm, weight, np.array([1e-6]))))
+    agree(head, want, 1e-4)
+
 
 def kernels():
     """The kernels, built, loaded and checked once per process; KernelsUnavailable says why they cannot be."""

@@ -49,7 +49,7 @@ MIN_CACHE_LENGTH = 256
 SHORT_GENERATION = 64
 SHORT_CACHE_POSITIONS = 4096
 # Under eager attention on the CPU backend generate() first decodes a bucket layer by layer (layerwise.py); under
-# sdpa (the CPU's default) the whole step's layers are fused kernels (decode_kernels) and it compiles in 1.3-1.5 s
+# sdpa (the CPU's default) the whole step's layers are fused kernels (decode_kernels) and it compiles in about 1 s
 # at 28 layers, so it runs from the first token. Layer by layer is two small graphs of its own (and the prompt's
 # head step), compiled in about 0.5 s, against 5.2-6.2 s for the eager whole-decoder step at 28 layers
 # (development CPU, AMD EPYC).
@@ -298,8 +298,10 @@ class DecodeOneToken(Step):
         object.__setattr__(self, "lm_head", model.lm_head)
         object.__setattr__(self, "storage", getattr(cache, "cache", cache))  # a CacheView's StaticCache, or cache
         object.__setattr__(self, "kernels", decode_kernels(model))
-        object.__setattr__(self, "layer_weights", tuple(tuple(layer.weights()) for layer in model.model.layers))
         self.fused = self.kernels is not None
+        # Each layer's Parameters, gathered once: a layer.weights() call in construct is parsed once per layer.
+        layers = model.model.layers if self.fused else ()
+        object.__setattr__(self, "layer_weights", tuple(tuple(layer.weights()) for layer in layers))
         self.eps = Tensor(np.array([model.config.text_config.rms_norm_eps], np.float32))
 
     def construct(self, input_ids, cache_position, rope_position):

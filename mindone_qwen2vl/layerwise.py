@@ -33,7 +33,7 @@ from mindspore import Tensor, ops
 from .attention import decode_attention
 from .cache import StaticCache
 from .graphs import Step
-from .layers import LayerArguments
+from .layers import layer_arguments
 
 
 def allowed(model):
@@ -96,7 +96,7 @@ class LayerwiseDecode:
         self.inputs = DecodeInputs(model, cache)
         self.layer = DecodeLayer(layers[0], cache.layers[0].shape)
         self.output = model.head  # shared with the prompt: not this bucket's graph
-        self.weights = [LayerArguments(layer) for layer in layers]
+        self.weights = layer_arguments(model.model, layers)  # shared with the prompt
         # The caches as arguments: views of the Parameters' memory (in-place writes never give them new memory).
         self.caches = [(Tensor(c.key), Tensor(c.value)) for c in cache.layers]
 

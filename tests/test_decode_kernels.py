@@ -91,3 +91,22 @@ def test_the_layer_operator_refuses_inconsistent_shapes(tiny_ours, bad):
     eps = Tensor(np.array([1e-6], np.float32))
     with pytest.raises(RuntimeError):
         kernels.decode_layer(x, cos, cos, mask, rows, cache, cache, *layer.weights(), eps).asnumpy()
+
+
+def test_a_bad_row_writes_nothing(tiny_ours):
+    """A call whose second row's cache row is out of bounds fails before the first row's key and value are
+    written: the cache is left as it was."""
+    kernels = decode_kernels(tiny_ours)
+    layer = tiny_ours.model.layers[0]
+    attn = layer.self_attn
+    n, d, e = attn.num_heads + 2 * attn.num_kv_heads, attn.head_dim, tiny_ours.config.text_config.hidden_size
+    kvh, length = attn.num_kv_heads, 8
+    x = Tensor(np.ones((2, e), np.float32))
+    cos = Tensor(np.ones((2, n, d), np.float32))
+    mask = Tensor(np.zeros((2, 1, 1, length), np.float32))
+    rows = Tensor(np.array([[0] * kvh, [10 ** 6] * kvh], np.int32))
+    cache = Tensor(np.zeros((2 * kvh * length, d), np.float32))
+    eps = Tensor(np.array([1e-6], np.float32))
+    with pytest.raises(RuntimeError):
+        kernels.decode_layer(x, cos, cos, mask, rows, cache, cache, *layer.weights(), eps).asnumpy()
+    assert not cache.asnumpy().any()

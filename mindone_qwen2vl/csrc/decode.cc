@@ -153,10 +153,11 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
       o[j + half] = v[j + half] * c[j + half] + v[j] * s[j + half];
     }
   }
+  for (int64_t i = 0; i < b * kvh; ++i)
+    if (rows[i] < 0 || rows[i] >= cache_rows) return 1;  // before any write: nothing half-written
   for (int64_t i = 0; i < b; ++i)
     for (int64_t g = 0; g < kvh; ++g) {
       const int64_t row = rows[i * kvh + g];
-      if (row < 0 || row >= cache_rows) return 1;
       std::memcpy(key_cache + row * d, &rotated[(i * n + h + g) * d], d * sizeof(float));
       std::memcpy(value_cache + row * d, &rotated[(i * n + h + kvh + g) * d], d * sizeof(float));
     }
