@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["mindone_qwen2vl", "mindone_qwen2vl.*"]),
     include_package_data=True,
-    package_data={"mindone_qwen2vl": ["assets/*", "assets/*/*", "csrc/*.cc"]},
+    package_data={"mindone_qwen2vl": ["assets/*", "assets/*/*", "csrc/*.cc", "csrc/*.h"]},
     # The presets live at the top of the repo; an installed package finds them under <prefix>/share.
     data_files=[("share/mindone_qwen2vl/configs", sorted(glob.glob("configs/*.yaml")))],
     install_requires=[

@@ -17,6 +17,7 @@ CPU kind. Float32 only; the attention kernels take other dtypes as float32.
 Nothing is built at import: `kernels()` builds (or finds) the library the first time a model asks for it, and
 checks it against numpy before handing it out.
 """
+import ctypes
 import hashlib
 import os
 import shutil
@@ -26,7 +27,10 @@ import threading
 from pathlib import Path
 
 CXX_FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
-SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("sdpa.cc", "decode.cc"))
+LIBS = ["-ldl"]  # dlopen, in libc itself since glibc 2.34
+_CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = tuple(_CSRC / name for name in ("sdpa.cc", "decode.cc", "prompt.cc"))
+HEADERS = (_CSRC / "kernels.h",)
 
 _lock = threading.Lock()
 _state = {}
@@ -52,8 +56,9 @@ def _cpu_flags():
 
 
 def library_path(compiler):
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join([compiler] + CXX_FLAGS).encode() +
-                         _cpu_flags().encode()).hexdigest()[:16]
+    sources = b"".join(s.read_bytes() for s in SOURCES + HEADERS)
+    flags = " ".join([compiler] + CXX_FLAGS + LIBS).encode()
+    key = hashlib.sha256(sources + flags + _cpu_flags().encode()).hexdigest()[:16]
     return cache_dir() / f"kernels-{key}.so"
 
 
@@ -73,7 +78,7 @@ def build():
     except OSError as e:
         raise KernelsUnavailable(f"cannot write the kernel cache {target.parent}: {e.strerror or e}") from None
     try:
-        done = subprocess.run([compiler, *CXX_FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True,
+        done = subprocess.run([compiler, *CXX_FLAGS, *map(str, SOURCES), *LIBS, "-o", tmp], capture_output=True,
                               text=True)
         if done.returncode != 0:
             names = " ".join(s.name for s in SOURCES)
@@ -92,7 +97,11 @@ class Kernels:
     Query group g reads key group g // (query groups / key groups) (grouped-query attention).
     decode_layer(x, cos, sin, mask, rows, key_cache, value_cache, *weights, eps) -> x after the layer, the token's
     key and value written into the caches (csrc/decode.cc; weights in DecoderLayerWeights' order);
-    decode_head(x [R, E], norm [E], weight [V, E], eps [1]) -> logits [R, V]."""
+    decode_head(x [R, E], norm [E], weight [V, E], eps [1]) -> logits [R, V];
+    prompt_project(x [T, E], cos, sin, input_norm, q_w, q_b, k_w, k_b, v_w, v_b, eps) -> qkv [N, T, D] heads first,
+    prompt_attend(x, qkv, rows [Sq] int32, o_w, post_norm, gate_w, up_w, down_w, eps) -> [Sq, E]: a prompt's
+    layer (csrc/prompt.cc); `prompt_ready` says whether they found oneDNN's sgemm, which their products run on
+    (without it they fail, and the model does not use them)."""
 
     def __init__(self, path):
         from mindspore import ops
@@ -117,6 +126,12 @@ class Kernels:
                         "gate_weight", "up_weight", "down_weight", "eps")
         self.decode_layer = op("DecodeLayer", layer_inputs, (f32,) * 4 + (i32,) + (f32,) * 15)
         self.decode_head = op("DecodeHead", ("x", "norm", "weight", "eps"), (f32,) * 4)
+        self.prompt_project = op("PromptProject", ("x", "cos", "sin") + layer_inputs[7:14] + ("eps",), (f32,) * 11)
+        self.prompt_attend = op("PromptAttend", ("x", "qkv", "rows") + layer_inputs[14:], (f32, f32, i32) + (f32,) * 6)
+
+    @property
+    def prompt_ready(self):
+        return bool(ctypes.CDLL(self.path).PromptKernelsReady())
 
 
 def check(kernels):

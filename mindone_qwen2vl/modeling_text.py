@@ -245,6 +245,32 @@ class DecoderAttendStep(Step):
         return layer.finish(ops.gather(x, rows, 0), out, weights)
 
 
+class DecoderPromptLayerStep(Step):
+    """A whole decoder layer over a prompt as the two CPU kernels of csrc/prompt.cc (Qwen2VLTextModel.prompt_kernels
+    says when they apply): x [T, hidden], the rotary tables, the positions `rows` [Sq] whose outputs are wanted
+    -> (their hidden states [Sq, hidden], the layer's keys and values [KVH, T, D]). One graph for every layer
+    and prompt length, of four operators where the backend's own kernels make about 35."""
+
+    def __init__(self, layer: Qwen2VLDecoderLayer, rotary_rows, eps):
+        super().__init__()
+        self.layer = layer
+        self.rotary_rows = rotary_rows
+        self.eps = Tensor(np.array([eps], np.float32))
+
+    def specs(self):
+        w = DecoderLayerWeights(*self.layer.weights())
+        d = self.layer.self_attn.head_dim
+        table = dynamic((None, self.rotary_rows(), d))
+        return (dynamic((None, w.o_weight.shape[0])), table, table, dynamic((None,), ms.int32), *like(w))
+
+    def construct(self, x, cos, sin, rows, *weights):
+        kernels, attn = self.layer.flash_kernel, self.layer.self_attn
+        qkv = kernels.prompt_project(x, cos, sin, *weights[:7], self.eps)
+        out = kernels.prompt_attend(x, qkv, rows, *weights[7:], self.eps)
+        h, kv = attn.num_heads, attn.num_kv_heads
+        return out, qkv[h:h + kv], qkv[h + kv:]
+
+
 class EmbedStep(Step):
     """Token ids [S] -> embeddings [S, hidden], any length."""
 
@@ -297,7 +323,19 @@ class Qwen2VLTextModel(nn.Cell):
         steps[f"attend_shared_mask.{n}"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=n)
         if policy.attn_implementation == "sdpa":
             steps["attend_fused"] = DecoderAttendStep(self.layers[0], per_head_mask=False, blocks=0)
+            steps["layer_fused"] = DecoderPromptLayerStep(self.layers[0], self.rotary_rows, config.rms_norm_eps)
         object.__setattr__(self, "steps", steps)
+        self.tensor_parallel = None  # (rank, size) on a rank of an msrun job (parallel.shard_model)
+
+    def prompt_kernels(self):
+        """The CPU kernels that run a prompt's decoder layer as two operators (csrc/prompt.cc), or None where they
+        do not apply: they come with the "sdpa" attention of the CPU backend, compute in float32, need oneDNN's
+        sgemm from MindSpore's backend for their products, and know nothing of tensor parallelism."""
+        policy = self.policy
+        if policy.attn_implementation != "sdpa" or policy.compute_dtype != ms.float32 or self.tensor_parallel:
+            return None
+        kernels = self.layers[0].flash_kernel
+        return kernels if kernels.prompt_ready else None
 
     def rotary_rows(self):
         attn = self.layers[0].self_attn
@@ -325,6 +363,15 @@ class Qwen2VLTextModel(nn.Cell):
         s = inputs_embeds.shape[0]
         cos, sin = self.steps["rotary"](Tensor(np.asarray(position_ids, np.int32).reshape(3, 1, s)))
         keep = int(keep_last) if 0 < int(keep_last) < s else s
+        x, kv = inputs_embeds, []
+        if self.prompt_kernels() is not None:
+            every, last = Tensor(np.arange(s, dtype=np.int32)), Tensor(np.arange(s - keep, s, dtype=np.int32))
+            for i, arguments in enumerate(layer_arguments(self, self.layers)):
+                rows = last if i == len(self.layers) - 1 else every
+                x, k, v = self.steps["layer_fused"](x, cos, sin, rows, *arguments())
+                if keep_kv:
+                    kv += [k, v]
+            return x, tuple(kv)
         heads, impl = self.layers[0].self_attn.num_heads, self.policy.attn_implementation
         every = query_blocks(s, s, heads, impl)
         last = [(s - keep + a, s - keep + z) for a, z in query_blocks(keep, s, heads, impl)]
@@ -368,7 +415,6 @@ class Qwen2VLTextModel(nn.Cell):
                 causal.compiled() == 0 and CAUSAL_BLOCKS not in calls.values():
             warm = (causal, call_args(0, s, CAUSAL_BLOCKS, True))
 
-        x, kv = inputs_embeds, []
         for i, arguments in enumerate(layer_arguments(self, self.layers)):
             w = arguments()
             q, k, v = self.steps["project"](x, cos, sin, *w)

@@ -325,5 +325,5 @@ def shard_model(model, rank, size):
     _replace(model, "lm_head", VocabParallelLMHead(old_head, *vocab_span, weight=tied), _names(old_head))
     if tied is not None:
         tied.name = _names(old_embed)["weight"]  # lm_head's assignment renamed the shared Parameter
-    model.tensor_parallel = (rank, size)
+    model.tensor_parallel = model.model.tensor_parallel = (rank, size)
     return model

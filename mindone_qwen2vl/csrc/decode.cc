@@ -20,15 +20,10 @@
 #include <system_error>
 #include <thread>
 #include <vector>
-#include <sched.h>
+
+#include "kernels.h"
 
 namespace {
-
-int Threads() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
 
 // Products of 256K multiply-adds or more (1 MB of float32 weights) use every core. On the development CPU (AMD
 // EPYC, 2 cores) a `2b-slice` decode step took 52-53 ms so, against 65-69 on one thread; the threshold itself is
@@ -37,7 +32,7 @@ constexpr int64_t kParallelWeights = 1 << 18;
 
 template <typename F>
 void ForRanges(int64_t n, int64_t work, F fn) {
-  const int threads = work < kParallelWeights ? 1 : static_cast<int>(std::min<int64_t>(Threads(), n));
+  const int threads = work < kParallelWeights ? 1 : static_cast<int>(std::min<int64_t>(mindone::Threads(), n));
   if (threads <= 1) return fn(0, n);
   std::vector<std::thread> pool;
   const int64_t step = (n + threads - 1) / threads;

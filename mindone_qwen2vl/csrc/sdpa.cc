@@ -16,6 +16,8 @@
 #include <vector>
 #include <sched.h>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int kRows = 8;     // query rows computed together: each key tile is loaded once for all of them
@@ -146,12 +148,6 @@ void Task(const Problem &p, int64_t g, int64_t q0, int64_t nq, std::vector<float
   }
 }
 
-int Threads() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
 void Run(Problem p) {
   p.tiles = (p.l + kKeys - 1) / kKeys;
   std::vector<float> kt(p.gk * p.tiles * p.d * kKeys, 0.f);
@@ -164,7 +160,7 @@ void Run(Problem p) {
   const int64_t tasks = p.gq * per_group;
   // Work in multiply-adds; below about a million a second thread costs more than it saves.
   const double work = static_cast<double>(p.gq) * p.lq * p.l * p.d;
-  const int threads = static_cast<int>(std::min<int64_t>(work < 1e6 ? 1 : Threads(), tasks));
+  const int threads = static_cast<int>(std::min<int64_t>(work < 1e6 ? 1 : mindone::Threads(), tasks));
   std::atomic<int64_t> next(0);
   auto worker = [&]() {
     std::vector<float> scratch;
@@ -214,6 +210,28 @@ bool Read(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 }
 
 }  // namespace
+
+int mindone::Threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+void mindone::CausalAttend(const float *q, const float *k, const float *v, const int32_t *pos, float *o,
+                           int64_t gq, int64_t gk, int64_t lq, int64_t l, int64_t d) {
+  Problem p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.pos = pos;
+  p.o = o;
+  p.gq = gq;
+  p.gk = gk;
+  p.lq = lq;
+  p.l = l;
+  p.d = d;
+  Run(p);
+}
 
 class AotExtra;
 
