@@ -133,8 +133,8 @@ def test_prompts_one_after_another(tiny_hf, tiny_ours, ms_mode):
 def test_steps_compile_once_for_any_shape(tiny_hf, attn):
     """In GRAPH_MODE the vision, prompt and head steps compile once whatever the image sizes and prompt lengths;
     the decode step and its prompt write compile once per (batch rows, cache length) bucket, and a short
-    generation reuses a bucket already compiled. A fresh model, so that the counts are this test's. The
-    prompt attends through one step under sdpa (the default), through the masked steps under eager."""
+    generation reuses a bucket already compiled. A fresh model, so that the counts are this test's. Under sdpa
+    (the default) a prompt's layer is one step of two CPU kernels; under eager, two steps, the masked attention."""
     from mindone_qwen2vl import Qwen2VLForConditionalGeneration
     from mindone_qwen2vl.attention import CAUSAL_BLOCKS
     from mindone_qwen2vl.generation import SHORT_CACHE_POSITIONS
@@ -142,7 +142,8 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_hf[1], progress=False, attn_implementation=attn)
     fused = attn == "sdpa"
     shared = ["vision.embed", "vision.project", "vision.attend", "vision.merger", "text.embed", "text.rotary",
-              "text.project", "text.attend", "text.attend_shared_mask", "head"] + ["text.attend_fused"] * fused
+              "text.project", "text.attend", "text.attend_shared_mask", "head"] + \
+        ["text.attend_fused", "text.layer_fused"] * fused
     # The causal-block attention of long prompts (none here; the first prompt of 16 tokens or more compiles it).
     blocked = [f"text.attend.{CAUSAL_BLOCKS}", f"text.attend_shared_mask.{CAUSAL_BLOCKS}"]
     shared += blocked
@@ -152,14 +153,13 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         out = model.generate(**case_inputs("text_only"), max_new_tokens=40, eos_token_id=[])
         assert out.shape[1] == case_inputs("text_only")["input_ids"].shape[1] + 40
         graphs = model.compiled_graphs()
-        # Every decoder layer of the prompt ran the two shared steps: one graph each. A short generation with no
+        # Every decoder layer of the prompt ran the shared steps: one graph each. A short generation with no
         # bucket to run in compiles one with room for the next ones. Under eager it decodes it layer by layer
         # (two graphs of its own and the shared head, layerwise.py); under sdpa the whole step, whose layers are
         # one kernel each (generation.decode_kernels), compiles as fast.
         bucket = f"1x{SHORT_CACHE_POSITIONS}"
-        attend = "text.attend_fused" if fused else "text.attend"
-        used = ("text.embed", "text.rotary", "text.project", attend, "head", f"write.{bucket}") + \
-            (f"decode.{bucket}",) * fused
+        layer = ("text.layer_fused",) if fused else ("text.project", "text.attend")
+        used = ("text.embed", "text.rotary", *layer, "head", f"write.{bucket}") + (f"decode.{bucket}",) * fused
 
         def decode_graphs(bucket, compiled):  # the decode steps of a bucket and their graphs
             return {f"decode.{bucket}": compiled} if fused else {f"decode.{bucket}": 0, f"decode_layers.{bucket}": 2}
@@ -185,8 +185,8 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         # does not stop to compile it); the shared-mask variants are for prompts whose masks exceed the budget.
         expected = {**{k: int(k not in blocked) for k in shared}, "text.attend_shared_mask": 0,
                     f"text.attend.{CAUSAL_BLOCKS}": int(not fused), **decode_graphs(bucket, 1), f"write.{bucket}": 1}
-        if fused:  # the masked steps never run
-            expected["text.attend"] = 0
+        if fused:  # the layer-by-step halves never run
+            expected.update({"text.attend": 0, "text.project": 0, "text.attend_fused": 0})
         assert model.compiled_graphs() == expected
         # A new batch size (3 rows -> 4) adds exactly its decode steps and its prompt write.
         ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])
@@ -198,7 +198,7 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         assert [name for name, _ in runner.decode.cells_and_names()] == [""]
         # Steps whose one graph serves every call take MindSpore's fast call path after the first (graphs.Step);
         # the whole decode step, a cell the engine calls with several row counts, does not.
-        assert model.model.steps["project"].phase == "increment"
+        assert model.model.steps["layer_fused" if fused else "project"].phase == "increment"
         assert fused or runner.layerwise.decode.layer.phase == "increment"
         assert runner.decode.phase != "increment"
     finally:

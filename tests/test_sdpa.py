@@ -152,9 +152,14 @@ def test_greedy_generate_matches_hf(tiny_hf, sdpa_ours, mode, new):
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_many_prompt_lengths_and_images_share_one_attend_graph(tiny_hf, sdpa_ours):
-    """Prompts of several lengths, with and without images, each equal to HF; the fused attend step compiles
-    once, and no eager attend step compiles at all."""
+@pytest.mark.parametrize("path", ["layer_kernels", "attend_step"])
+def test_many_prompt_lengths_and_images_share_one_attend_graph(tiny_hf, sdpa_ours, path, monkeypatch):
+    """Prompts of several lengths, with and without images, each equal to HF; the prompt's layer step (its two
+    CPU kernels, csrc/prompt.cc) compiles once, and no eager attend step compiles at all. Where those kernels do
+    not apply (float16, a tensor-parallel rank), the layer's halves run as two steps, the fused attention's
+    compiling once."""
+    if path == "attend_step":
+        monkeypatch.setattr(sdpa_ours.model, "prompt_kernels", lambda: None)
     grids = [None, (1, 4, 6), (1, 8, 4), (1, 6, 10)]
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
@@ -168,8 +173,9 @@ def test_many_prompt_lengths_and_images_share_one_attend_graph(tiny_hf, sdpa_our
         graphs = sdpa_ours.compiled_graphs()
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-    attend = {k: v for k, v in graphs.items() if k.startswith("text.attend") and v}
-    assert attend == {"text.attend_fused": 1}, attend
+    attend = {k: v for k, v in graphs.items() if k.startswith(("text.attend", "text.layer")) and v}
+    assert attend.get("text.layer_fused" if path == "layer_kernels" else "text.attend_fused") == 1, attend
+    assert set(attend) <= {"text.layer_fused", "text.attend_fused"}, attend
     assert graphs["vision.attend"] == 1
 
 
