@@ -29,7 +29,7 @@ from pathlib import Path
 CXX_FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
 LIBS = ["-ldl"]  # dlopen, in libc itself since glibc 2.34
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = tuple(_CSRC / name for name in ("sdpa.cc", "decode.cc", "prompt.cc"))
+SOURCES = tuple(_CSRC / name for name in ("sdpa.cc", "decode.cc", "prompt.cc", "vision.cc"))
 HEADERS = (_CSRC / "kernels.h",)
 
 _lock = threading.Lock()
@@ -100,7 +100,10 @@ class Kernels:
     decode_head(x [R, E], norm [E], weight [V, E], eps [1]) -> logits [R, V];
     prompt_project(x [T, E], cos, sin, input_norm, q_w, q_b, k_w, k_b, v_w, v_b, eps) -> qkv [N, T, D] heads first,
     prompt_attend(x, qkv, rows [Sq] int32, o_w, post_norm, gate_w, up_w, down_w, eps) -> [Sq, E]: a prompt's
-    layer (csrc/prompt.cc); `prompt_ready` says whether they found oneDNN's sgemm, which their products run on
+    layer (csrc/prompt.cc);
+    vision_block(x [N, E], cos, sin [N, 3, 1, D], bounds [S + 1] int32, kind [1] int32, *weights) -> [N, E]: a
+    vision block whose rows attend within the segments `bounds` gives (csrc/vision.cc).
+    `prompt_ready` says whether the prompt and vision operators found oneDNN's sgemm, which their products run on
     (without it they fail, and the model does not use them)."""
 
     def __init__(self, path):
@@ -128,6 +131,8 @@ class Kernels:
         self.decode_head = op("DecodeHead", ("x", "norm", "weight", "eps"), (f32,) * 4)
         self.prompt_project = op("PromptProject", ("x", "cos", "sin") + layer_inputs[7:14] + ("eps",), (f32,) * 11)
         self.prompt_attend = op("PromptAttend", ("x", "qkv", "rows") + layer_inputs[14:], (f32, f32, i32) + (f32,) * 6)
+        self.vision_block = op("VisionBlock", ("x", "cos", "sin", "bounds", "kind") + tuple(f"w{i}" for i in range(12)),
+                               (f32, f32, f32, i32, i32) + (f32,) * 12)
 
     @property
     def prompt_ready(self):

@@ -40,6 +40,7 @@ class AttentionLayout:
     groups: List[np.ndarray]  # [F, L] int32 per segment length
     blocks: List[List[Tuple[int, int]]]  # query position ranges within the segments of each group
     unpad: Optional[np.ndarray]  # [N] int32
+    bounds: np.ndarray  # [segments + 1] int32: segment s is the rows bounds[s]..bounds[s+1]-1 (csrc/vision.cc)
 
 
 def segment_layout(lengths, num_heads=1, impl="eager") -> AttentionLayout:
@@ -57,7 +58,8 @@ def segment_layout(lengths, num_heads=1, impl="eager") -> AttentionLayout:
     order = np.concatenate(order)
     in_order = (order == np.arange(len(order))).all()
     unpad = None if in_order else np.argsort(order, kind="stable").astype(np.int32)
-    return AttentionLayout(groups, blocks, unpad)
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return AttentionLayout(groups, blocks, unpad, bounds)
 
 
 @dataclass
@@ -340,6 +342,27 @@ class VisionAttendStep(Step):
         return self.block.attend(x, q, k, v, weights)
 
 
+class VisionBlockStep(Step):
+    """A whole block as one CPU kernel (csrc/vision.cc; Qwen2VisionTransformer.block_kernels says when it
+    applies): x [N, E], the rotary tables and the segment bounds [S + 1] of the rows that attend to each other ->
+    [N, E]. One graph for every block, image size and layout, of one operator where the two steps make about 30
+    and a gather per frame group."""
+
+    def __init__(self, block: Qwen2VLVisionBlock, kind):
+        super().__init__()
+        self.block = block
+        self.kind = Tensor(np.array([kind], np.int32))  # 0: Qwen2-VL's block, 1: Qwen2.5-VL's
+
+    def specs(self):
+        b = self.block
+        table = dynamic((None, 3, 1, b.head_dim))
+        return (dynamic((None, b.attn.proj.out_features)), table, table, dynamic((None,), ms.int32),
+                *like(b.weights()))
+
+    def construct(self, x, cos, sin, bounds, *weights):
+        return self.block.flash_kernel.vision_block(x, cos, sin, bounds, self.kind, *weights)
+
+
 EMBED_ROWS = 2048  # patches a call of the patch embedding (9.6 MB of float32 pixels)
 
 
@@ -417,6 +440,7 @@ class Qwen2VisionTransformer(nn.Cell):
     block_class = Qwen2VLVisionBlock
     merger_class = PatchMerger
     window = None  # merged tokens per attention window side; None: every block attends per frame
+    kernel_kind = 0  # the block's layout for csrc/vision.cc
 
     def __init__(self, config: Qwen2VLVisionConfig, policy: PrecisionPolicy):
         super().__init__()
@@ -431,8 +455,20 @@ class Qwen2VisionTransformer(nn.Cell):
         steps = dict(embed=VisionEmbed(self.patch_embed, self.rotary_pos_emb),
                      project=VisionProjectStep(self.blocks[0]),
                      attend=VisionAttendStep(self.blocks[0]), merger=MergerStep(self.merger))
+        if policy.attn_implementation == "sdpa":
+            steps["block_fused"] = VisionBlockStep(self.blocks[0], self.kernel_kind)
         object.__setattr__(self, "steps", steps)
         self.hot_layouts = HotLayouts()
+
+    def block_kernels(self):
+        """The CPU kernel that runs a whole block (csrc/vision.cc), or None where it does not apply: it comes with
+        the "sdpa" attention of the CPU backend, computes in float32 and needs oneDNN's sgemm from MindSpore's
+        backend."""
+        policy = self.policy
+        if policy.attn_implementation != "sdpa" or policy.compute_dtype != ms.float32:
+            return None
+        kernels = self.blocks[0].flash_kernel
+        return kernels if kernels.prompt_ready else None
 
     def windowed(self, index):
         """Whether block `index` attends within windows (else within frames)."""
@@ -458,14 +494,17 @@ class Qwen2VisionTransformer(nn.Cell):
             # The patch embedding is row by row, so reordering its input reorders its output.
             pixels = pixels if plan.order is None else pixels[plan.order]
         x, cos, sin = self.embed(pixels, plan.rot_pos)
-        layouts = {"frames": _calls(plan.frames)}
-        if plan.windows is not None:
-            layouts["windows"] = _calls(plan.windows)
-        if ms.get_context("mode") != ms.GRAPH_MODE:
-            x = self.blocks_forward(x, cos, sin, layouts, False)
+        if self.block_kernels() is not None:
+            x = self.fused_blocks_forward(x, cos, sin, plan)
         else:
-            x = self.hot_layouts.run(self.layout(grid_thw), len(plan.rot_pos),
-                                     lambda static: self.blocks_forward(x, cos, sin, layouts, static))
+            layouts = {"frames": _calls(plan.frames)}
+            if plan.windows is not None:
+                layouts["windows"] = _calls(plan.windows)
+            if ms.get_context("mode") != ms.GRAPH_MODE:
+                x = self.blocks_forward(x, cos, sin, layouts, False)
+            else:
+                x = self.hot_layouts.run(self.layout(grid_thw), len(plan.rot_pos),
+                                         lambda static: self.blocks_forward(x, cos, sin, layouts, static))
         x = self.steps["merger"](x)
         return x if plan.restore is None else ops.gather(x, Tensor(plan.restore), 0)
 
@@ -479,6 +518,15 @@ class Qwen2VisionTransformer(nn.Cell):
             parts.append(self.steps["embed"](chunk if isinstance(chunk, Tensor) else Tensor(chunk),
                                              Tensor(rot_pos[a:a + EMBED_ROWS])))
         return parts[0] if len(parts) == 1 else tuple(ops.cat(part, 0) for part in zip(*parts))
+
+    def fused_blocks_forward(self, x, cos, sin, plan):
+        """The blocks, each one kernel (block_kernels): a dynamic-shape graph serves every layout, so no
+        HotLayouts."""
+        frames = Tensor(plan.frames.bounds)
+        windows = None if plan.windows is None else Tensor(plan.windows.bounds)
+        for i, arguments in enumerate(layer_arguments(self, self.blocks)):
+            x = self.steps["block_fused"](x, cos, sin, windows if self.windowed(i) else frames, *arguments())
+        return x
 
     def blocks_forward(self, x, cos, sin, layouts, static):
         """The blocks, through the shared steps: dynamic, or static for this layout's shapes (HotLayouts)."""

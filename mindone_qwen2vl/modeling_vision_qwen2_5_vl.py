@@ -73,6 +73,7 @@ class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
 
     block_class = Qwen2_5_VLVisionBlock
     merger_class = Qwen2_5_VLPatchMerger
+    kernel_kind = 1
 
     def __init__(self, config: Qwen2_5_VLVisionConfig, policy):
         super().__init__(config, policy)

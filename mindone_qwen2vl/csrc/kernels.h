@@ -12,4 +12,14 @@ int Threads();
 void CausalAttend(const float *q, const float *k, const float *v, const int32_t *pos, float *o, int64_t gq,
                   int64_t gk, int64_t lq, int64_t l, int64_t d);
 
+// c [m, n] (row stride ldc) = a [m, k] (row stride lda) w^T + beta c, w [n, k] as torch stores a Linear's weight,
+// on oneDNN's sgemm (prompt.cc); false when sgemm is not to be had or fails.
+bool Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, int64_t n, float beta, float *c,
+             int64_t ldc);
+
+// Attention within segments: q [gq, n, d], k and v [gk, n, d] -> o [gq, n, d]; the rows bounds[s]..bounds[s+1]-1
+// (s < segments) attend to each other only, every key of their segment visible. Throws std::bad_alloc.
+void SegmentAttend(const float *q, const float *k, const float *v, float *o, int64_t gq, int64_t gk, int64_t n,
+                   int64_t d, const int32_t *bounds, int64_t segments);
+
 }  // namespace mindone

@@ -66,29 +66,6 @@ void ForRows(int64_t n, double work, double threshold, F fn) {
   for (auto &t : pool) t.join();
 }
 
-// c [m, n] (row stride ldc) = a [m, k] (row stride lda) w^T + beta c, w [n, k] as torch stores a Linear's weight.
-// The threads split the larger of m and n: a short prompt's products at real widths (100 rows against 8960
-// outputs) would give each thread a sliver of rows and the whole weight to read.
-bool Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, int64_t n, float beta, float *c,
-             int64_t ldc) {
-  if (m == 0 || n == 0) return true;
-  const SgemmFn sgemm = Sgemm();
-  if (!sgemm) return false;
-  std::atomic<bool> ok(true);
-  auto part = [&](int64_t r0, int64_t r1, int64_t o0, int64_t o1) {
-    if (r0 >= r1 || o0 >= o1) return;
-    float *cp = c + r0 * ldc + o0;
-    const float *ap = a + r0 * lda, *wp = w + o0 * k;
-    if (sgemm('N', 'T', r1 - r0, o1 - o0, k, 1.f, ap, lda, wp, k, beta, cp, ldc) != 0) ok = false;
-  };
-  const double work = static_cast<double>(m) * n * k;
-  if (m >= n)
-    ForRows(m, work, kParallelMacs, [&](int64_t r0, int64_t r1) { part(r0, r1, 0, n); });
-  else
-    ForRows(n, work, kParallelMacs, [&](int64_t o0, int64_t o1) { part(0, m, o0, o1); });
-  return ok.load();
-}
-
 void RmsNormRows(const float *x, int64_t r, int64_t e, const float *w, float eps, float *y) {
   for (int64_t i = 0; i < r; ++i) {
     const float *xi = x + i * e;
@@ -125,7 +102,7 @@ int Project(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t widths[3] = {hd, kvd, kvd}, offsets[3] = {0, hd, hd + kvd};
   const int weight[3] = {kQW, kKW, kVW}, bias[3] = {kQB, kKB, kVB};
   for (int p = 0; p < 3; ++p) {
-    if (!Product(norm.data(), e, t, e, in(weight[p]), widths[p], 0.f, qkv.data() + offsets[p], n * d)) return 1;
+    if (!mindone::Product(norm.data(), e, t, e, in(weight[p]), widths[p], 0.f, qkv.data() + offsets[p], n * d)) return 1;
     const float *b = in(bias[p]);
     for (int64_t i = 0; i < t; ++i) {
       float *row = qkv.data() + i * n * d + offsets[p];
@@ -189,19 +166,19 @@ int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char *
       std::memcpy(&attn[(i * h + j) * d], &heads[(j * sq + i) * d], d * sizeof(float));
   // y = x + attention o_w^T, then out = y + MLP(norm(y)) in blocks of rows.
   for (int64_t i = 0; i < sq; ++i) std::memcpy(&y[i * e], x + rows[i] * e, e * sizeof(float));
-  if (!Product(attn.data(), h * d, sq, h * d, in(kOW), e, 1.f, y.data(), e)) return 1;
+  if (!mindone::Product(attn.data(), h * d, sq, h * d, in(kOW), e, 1.f, y.data(), e)) return 1;
   const int64_t block = std::max<int64_t>(64, kMlpFloats / std::max<int64_t>(1, inter));
   const int64_t rows_at_once = std::min(sq, block);
   std::vector<float> norm(rows_at_once * e), gate(rows_at_once * inter), up(rows_at_once * inter);
   for (int64_t i0 = 0; i0 < sq; i0 += block) {
     const int64_t r = std::min(block, sq - i0);
     RmsNormRows(&y[i0 * e], r, e, post_norm, eps, norm.data());
-    if (!Product(norm.data(), e, r, e, in(kGateW), inter, 0.f, gate.data(), inter) ||
-        !Product(norm.data(), e, r, e, in(kUpW), inter, 0.f, up.data(), inter))
+    if (!mindone::Product(norm.data(), e, r, e, in(kGateW), inter, 0.f, gate.data(), inter) ||
+        !mindone::Product(norm.data(), e, r, e, in(kUpW), inter, 0.f, up.data(), inter))
       return 1;
     for (int64_t m = 0; m < r * inter; ++m) gate[m] = gate[m] / (1.f + std::exp(-gate[m])) * up[m];
     std::memcpy(out + i0 * e, &y[i0 * e], r * e * sizeof(float));
-    if (!Product(gate.data(), inter, r, inter, in(kDownW), e, 1.f, out + i0 * e, e)) return 1;
+    if (!mindone::Product(gate.data(), inter, r, inter, in(kDownW), e, 1.f, out + i0 * e, e)) return 1;
   }
   return 0;
 }
@@ -218,6 +195,29 @@ int Guarded(F fn) {
 }
 
 }  // namespace
+
+// c [m, n] (row stride ldc) = a [m, k] (row stride lda) w^T + beta c, w [n, k] as torch stores a Linear's weight.
+// The threads split the larger of m and n: a short prompt's products at real widths (100 rows against 8960
+// outputs) would give each thread a sliver of rows and the whole weight to read.
+bool mindone::Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, int64_t n, float beta, float *c,
+             int64_t ldc) {
+  if (m == 0 || n == 0) return true;
+  const SgemmFn sgemm = Sgemm();
+  if (!sgemm) return false;
+  std::atomic<bool> ok(true);
+  auto part = [&](int64_t r0, int64_t r1, int64_t o0, int64_t o1) {
+    if (r0 >= r1 || o0 >= o1) return;
+    float *cp = c + r0 * ldc + o0;
+    const float *ap = a + r0 * lda, *wp = w + o0 * k;
+    if (sgemm('N', 'T', r1 - r0, o1 - o0, k, 1.f, ap, lda, wp, k, beta, cp, ldc) != 0) ok = false;
+  };
+  const double work = static_cast<double>(m) * n * k;
+  if (m >= n)
+    ForRows(m, work, kParallelMacs, [&](int64_t r0, int64_t r1) { part(r0, r1, 0, n); });
+  else
+    ForRows(n, work, kParallelMacs, [&](int64_t o0, int64_t o1) { part(0, m, o0, o1); });
+  return ok.load();
+}
 
 class AotExtra;
 

@@ -29,6 +29,7 @@ struct Problem {
   const int32_t *pos;  // null: no causal limit
   float *o;
   int64_t gq, gk, lq, l, d;
+  int64_t qs, ks;  // rows between one group's queries (and outputs) and the next's, and between its keys' (values')
   float *kt;    // the keys transposed tile by tile: [gk, tiles, d, kKeys] (keys past l are zeros, never seen)
   int64_t tiles;
 };
@@ -43,7 +44,7 @@ void RunTask(const Problem &p, int64_t g, int64_t q0, int64_t nq, std::vector<fl
   const int64_t d = D > 0 ? D : p.d;
   const int64_t rep = p.gq / p.gk;
   const float *kt = p.kt + (g / rep) * p.tiles * d * kKeys;
-  const float *vg = p.v + (g / rep) * p.l * d;
+  const float *vg = p.v + (g / rep) * p.ks * d;
   scratch.resize(kTaskRows * kKeys + kTaskRows * d + 2 * kTaskRows);
   float *s = scratch.data();
   float *acc = s + kTaskRows * kKeys;
@@ -57,7 +58,7 @@ void RunTask(const Problem &p, int64_t g, int64_t q0, int64_t nq, std::vector<fl
     sum[r] = 0.f;
   }
   std::fill(acc, acc + nq * d, 0.f);
-  const float *qg = p.q + (g * p.lq + q0) * d;
+  const float *qg = p.q + (g * p.qs + q0) * d;
   for (int64_t k0 = 0; k0 < reach; k0 += kKeys) {
     const int64_t nk = std::min<int64_t>(kKeys, reach - k0);
     const int64_t chunks = (nk + kLanes - 1) / kLanes;
@@ -129,7 +130,7 @@ void RunTask(const Problem &p, int64_t g, int64_t q0, int64_t nq, std::vector<fl
     }
   }
   for (int64_t r = 0; r < nq; ++r) {
-    float *out = p.o + (g * p.lq + q0 + r) * d;
+    float *out = p.o + (g * p.qs + q0 + r) * d;
     const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
     for (int64_t e = 0; e < d; ++e) out[e] = acc[r * d + e] * inv;
   }
@@ -148,28 +149,25 @@ void Task(const Problem &p, int64_t g, int64_t q0, int64_t nq, std::vector<float
   }
 }
 
-void Run(Problem p) {
+// The keys transposed tile by tile, as RunTask reads them.
+std::vector<float> KeyTiles(Problem &p) {
   p.tiles = (p.l + kKeys - 1) / kKeys;
   std::vector<float> kt(p.gk * p.tiles * p.d * kKeys, 0.f);
   for (int64_t g = 0; g < p.gk; ++g)
     for (int64_t j = 0; j < p.l; ++j)
       for (int64_t e = 0; e < p.d; ++e)
-        kt[((g * p.tiles + j / kKeys) * p.d + e) * kKeys + j % kKeys] = p.k[(g * p.l + j) * p.d + e];
-  p.kt = kt.data();
-  const int64_t per_group = (p.lq + kTaskRows - 1) / kTaskRows;
-  const int64_t tasks = p.gq * per_group;
-  // Work in multiply-adds; below about a million a second thread costs more than it saves.
-  const double work = static_cast<double>(p.gq) * p.lq * p.l * p.d;
-  const int threads = static_cast<int>(std::min<int64_t>(work < 1e6 ? 1 : mindone::Threads(), tasks));
+        kt[((g * p.tiles + j / kKeys) * p.d + e) * kKeys + j % kKeys] = p.k[(g * p.ks + j) * p.d + e];
+  return kt;
+}
+
+// Runs fn(t, scratch) for every task t < tasks on up to `threads` threads (this one included), each thread with
+// a scratch buffer of its own.
+template <typename F>
+void ForTasks(int64_t tasks, int threads, F fn) {
   std::atomic<int64_t> next(0);
   auto worker = [&]() {
     std::vector<float> scratch;
-    for (int64_t t = next++; t < tasks; t = next++) {
-      // Causal rows near the end see the most keys: hand out the last query blocks first.
-      const int64_t g = t % p.gq, b = per_group - 1 - t / p.gq;
-      const int64_t q0 = b * kTaskRows;
-      Task(p, g, q0, std::min<int64_t>(kTaskRows, p.lq - q0), scratch);
-    }
+    for (int64_t t = next++; t < tasks; t = next++) fn(t, scratch);
   };
   std::vector<std::thread> pool;
   for (int i = 1; i < threads; ++i) {
@@ -181,6 +179,25 @@ void Run(Problem p) {
   }
   worker();
   for (auto &t : pool) t.join();
+}
+
+// Work in multiply-adds; below about a million a second thread costs more than it saves.
+int ThreadsFor(double work, int64_t tasks) {
+  return static_cast<int>(std::min<int64_t>(work < 1e6 ? 1 : mindone::Threads(), tasks));
+}
+
+void Run(Problem p) {
+  std::vector<float> kt = KeyTiles(p);
+  p.kt = kt.data();
+  const int64_t per_group = (p.lq + kTaskRows - 1) / kTaskRows;
+  const int64_t tasks = p.gq * per_group;
+  const double work = static_cast<double>(p.gq) * p.lq * p.l * p.d;
+  ForTasks(tasks, ThreadsFor(work, tasks), [&](int64_t t, std::vector<float> &scratch) {
+    // Causal rows near the end see the most keys: hand out the last query blocks first.
+    const int64_t g = t % p.gq, b = per_group - 1 - t / p.gq;
+    const int64_t q0 = b * kTaskRows;
+    Task(p, g, q0, std::min<int64_t>(kTaskRows, p.lq - q0), scratch);
+  });
 }
 
 bool Read(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool causal, Problem *p) {
@@ -201,8 +218,8 @@ bool Read(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   p->o = static_cast<float *>(params[want - 1]);
   p->gq = gq;
   p->gk = gk;
-  p->lq = shapes[0][nd - 2];
-  p->l = shapes[1][nd - 2];
+  p->lq = p->qs = shapes[0][nd - 2];
+  p->l = p->ks = shapes[1][nd - 2];
   p->d = shapes[0][nd - 1];
   if (gk == 0 || gq % gk || shapes[1][nd - 1] != p->d || shapes[2][nd - 2] != p->l) return false;
   if (causal && (ndims[3] != 1 || shapes[3][0] != p->lq)) return false;
@@ -227,10 +244,46 @@ void mindone::CausalAttend(const float *q, const float *k, const float *v, const
   p.o = o;
   p.gq = gq;
   p.gk = gk;
-  p.lq = lq;
-  p.l = l;
+  p.lq = p.qs = lq;
+  p.l = p.ks = l;
   p.d = d;
   Run(p);
+}
+
+void mindone::SegmentAttend(const float *q, const float *k, const float *v, float *o, int64_t gq, int64_t gk,
+                            int64_t n, int64_t d, const int32_t *bounds, int64_t segments) {
+  std::vector<Problem> parts;
+  std::vector<std::vector<float>> tiles;
+  std::vector<int64_t> first;  // index of each segment's first task
+  int64_t tasks = 0;
+  double work = 0.0;
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t a = bounds[s], len = bounds[s + 1] - bounds[s];
+    if (len <= 0) continue;
+    Problem p;
+    p.q = q + a * d;
+    p.k = k + a * d;
+    p.v = v + a * d;
+    p.o = o + a * d;
+    p.pos = nullptr;
+    p.gq = gq;
+    p.gk = gk;
+    p.lq = p.l = len;
+    p.qs = p.ks = n;
+    p.d = d;
+    tiles.push_back(KeyTiles(p));
+    p.kt = tiles.back().data();
+    parts.push_back(p);
+    first.push_back(tasks);
+    tasks += gq * ((len + kTaskRows - 1) / kTaskRows);
+    work += static_cast<double>(gq) * len * len * d;
+  }
+  ForTasks(tasks, ThreadsFor(work, tasks), [&](int64_t t, std::vector<float> &scratch) {
+    const int64_t s = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const Problem &p = parts[s];
+    const int64_t local = t - first[s], g = local % p.gq, q0 = local / p.gq * kTaskRows;
+    Task(p, g, q0, std::min<int64_t>(kTaskRows, p.lq - q0), scratch);
+  });
 }
 
 class AotExtra;
