@@ -78,8 +78,8 @@ def build():
     except OSError as e:
         raise KernelsUnavailable(f"cannot write the kernel cache {target.parent}: {e.strerror or e}") from None
     try:
-        done = subprocess.run([compiler, *CXX_FLAGS, *map(str, SOURCES), *LIBS, "-o", tmp], capture_output=True,
-                              text=True)
+        command = [compiler, *CXX_FLAGS, "-I", str(HEADERS[0].parent), *map(str, SOURCES), *LIBS, "-o", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             names = " ".join(s.name for s in SOURCES)
             raise KernelsUnavailable(f"{compiler} failed on {names}: {done.stderr.strip()[-2000:]}")

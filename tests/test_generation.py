@@ -143,7 +143,7 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
     fused = attn == "sdpa"
     shared = ["vision.embed", "vision.project", "vision.attend", "vision.merger", "text.embed", "text.rotary",
               "text.project", "text.attend", "text.attend_shared_mask", "head"] + \
-        ["text.attend_fused", "text.layer_fused"] * fused
+        ["text.attend_fused", "text.layer_fused", "vision.block_fused"] * fused
     # The causal-block attention of long prompts (none here; the first prompt of 16 tokens or more compiles it).
     blocked = [f"text.attend.{CAUSAL_BLOCKS}", f"text.attend_shared_mask.{CAUSAL_BLOCKS}"]
     shared += blocked
@@ -185,8 +185,9 @@ def test_steps_compile_once_for_any_shape(tiny_hf, attn):
         # does not stop to compile it); the shared-mask variants are for prompts whose masks exceed the budget.
         expected = {**{k: int(k not in blocked) for k in shared}, "text.attend_shared_mask": 0,
                     f"text.attend.{CAUSAL_BLOCKS}": int(not fused), **decode_graphs(bucket, 1), f"write.{bucket}": 1}
-        if fused:  # the layer-by-step halves never run
-            expected.update({"text.attend": 0, "text.project": 0, "text.attend_fused": 0})
+        if fused:  # the halves of a layer and of a vision block never run: each is one step of CPU kernels
+            expected.update({"text.attend": 0, "text.project": 0, "text.attend_fused": 0, "vision.project": 0,
+                             "vision.attend": 0})
         assert model.compiled_graphs() == expected
         # A new batch size (3 rows -> 4) adds exactly its decode steps and its prompt write.
         ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]])

@@ -179,14 +179,18 @@ def test_vision_steps_compile_once_for_every_size(ours25):
             ours25.get_vision_features(random_pixels(grid), grid)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-    assert set(first) == {"vision.embed", "vision.project", "vision.attend", "vision.merger"}
-    assert all(n >= 1 for n in first.values()) and vision_graphs() == first
+    # Under sdpa (the CPU's default) each block is one kernel (csrc/vision.cc): its step, not the two halves.
+    assert {k for k, n in first.items() if n} == {"vision.embed", "vision.block_fused", "vision.merger"}
+    assert vision_graphs() == first
 
 
-def test_a_hot_size_runs_static_windows_and_frames_equal_to_hf(hf25, ours25):
+def test_a_hot_size_runs_static_windows_and_frames_equal_to_hf(hf25, ours25, monkeypatch):
     """The static twins of the block steps (graphs.HotLayouts, promoted at once here: gain pinned high) run the
-    windowed and the per-frame blocks, several images and a video, equal to HF's tower."""
+    windowed and the per-frame blocks, several images and a video, equal to HF's tower. (The block steps run
+    where the CPU's block kernel does not apply: eager, float16, Ascend.)"""
     from mindone_qwen2vl.graphs import HotLayouts
+
+    monkeypatch.setattr(ours25.visual, "block_kernels", lambda: None)
 
     grid = np.array([VID, IMG_A, IMG_C])
     pixels = random_pixels(grid, 5)

@@ -176,7 +176,7 @@ def test_many_prompt_lengths_and_images_share_one_attend_graph(tiny_hf, sdpa_our
     attend = {k: v for k, v in graphs.items() if k.startswith(("text.attend", "text.layer")) and v}
     assert attend.get("text.layer_fused" if path == "layer_kernels" else "text.attend_fused") == 1, attend
     assert set(attend) <= {"text.layer_fused", "text.attend_fused"}, attend
-    assert graphs["vision.attend"] == 1
+    assert graphs["vision.block_fused"] == 1 and graphs["vision.attend"] == 0  # each block one kernel
 
 
 def test_qwen2_5_vl_windows_and_frames_match_hf(ms_mode, tmp_path):
@@ -204,9 +204,15 @@ def test_the_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     source = tmp_path / "sdpa.cc"
     source.write_text(cpu_kernels.SOURCES[0].read_text() + "\n// changed\n")
     monkeypatch.setattr(cpu_kernels, "SOURCES", (source,) + cpu_kernels.SOURCES[1:])
-    assert cpu_kernels.build() != first  # another source: another library
+    second = cpu_kernels.build()
+    assert second != first  # another source: another library
+    header = tmp_path / "kernels.h"
+    header.write_text(cpu_kernels.HEADERS[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_kernels, "HEADERS", (header,))
+    third = cpu_kernels.build()
+    assert third not in (first, second)  # another header: another library
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".so") == sorted(
-        [first.name, cpu_kernels.library_path(os.environ.get("CXX", "g++")).name])
+        [first.name, second.name, third.name])
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):

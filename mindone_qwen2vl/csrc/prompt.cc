@@ -102,7 +102,8 @@ int Project(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t widths[3] = {hd, kvd, kvd}, offsets[3] = {0, hd, hd + kvd};
   const int weight[3] = {kQW, kKW, kVW}, bias[3] = {kQB, kKB, kVB};
   for (int p = 0; p < 3; ++p) {
-    if (!mindone::Product(norm.data(), e, t, e, in(weight[p]), widths[p], 0.f, qkv.data() + offsets[p], n * d)) return 1;
+    float *into = qkv.data() + offsets[p];
+    if (!mindone::Product(norm.data(), e, t, e, in(weight[p]), widths[p], 0.f, into, n * d)) return 1;
     const float *b = in(bias[p]);
     for (int64_t i = 0; i < t; ++i) {
       float *row = qkv.data() + i * n * d + offsets[p];
@@ -199,8 +200,8 @@ int Guarded(F fn) {
 // c [m, n] (row stride ldc) = a [m, k] (row stride lda) w^T + beta c, w [n, k] as torch stores a Linear's weight.
 // The threads split the larger of m and n: a short prompt's products at real widths (100 rows against 8960
 // outputs) would give each thread a sliver of rows and the whole weight to read.
-bool mindone::Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, int64_t n, float beta, float *c,
-             int64_t ldc) {
+bool mindone::Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, int64_t n, float beta,
+                      float *c, int64_t ldc) {
   if (m == 0 || n == 0) return true;
   const SgemmFn sgemm = Sgemm();
   if (!sgemm) return false;
