@@ -73,6 +73,15 @@ def flash_kernel(policy):
     return policy.flash_kernel or ops.flash_attention_score
 
 
+def layer_kernels(policy):
+    """The CPU kernels that also run whole layers (csrc/decode.cc, prompt.cc, vision.cc) under `policy`, or None:
+    they come with the "sdpa" attention of the CPU backend and compute in float32. (Each user adds its own
+    conditions: the cache's dtype, tensor parallelism, oneDNN's sgemm.)"""
+    if policy.attn_implementation != "sdpa" or policy.compute_dtype != ms.float32:
+        return None
+    return flash_kernel(policy)
+
+
 FLASH_MAX_HEAD_DIM = 512
 FLASH_MAX_BATCH = 2048  # ops.flash_attention_score documents B from 1 to 2k
 

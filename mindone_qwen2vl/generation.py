@@ -23,6 +23,7 @@ from mindspore import Tensor, ops
 from tqdm.auto import tqdm
 
 from . import layerwise as layerwise_decode
+from .attention import layer_kernels
 from .cache import StaticCache
 from .graphs import Step
 from .inputs import check_inputs, check_second_per_grid_ts
@@ -274,11 +275,9 @@ def decode_kernels(model):
     (cpu_kernels.py, csrc/decode.cc), or None where they do not apply: they come with the "sdpa" attention of
     the CPU backend, compute in float32, and know nothing of tensor parallelism (a rank's layer would have to
     reduce its partial products across the ranks)."""
-    policy = model.policy
-    if (policy.attn_implementation != "sdpa" or model.tensor_parallel or policy.compute_dtype != ms.float32
-            or policy.cache_dtype != ms.float32):
+    if model.tensor_parallel or model.policy.cache_dtype != ms.float32:
         return None
-    return model.model.layers[0].flash_kernel  # the built and checked cpu_kernels.Kernels under "sdpa"
+    return layer_kernels(model.policy)
 
 
 class DecodeOneToken(Step):

@@ -331,11 +331,8 @@ class Qwen2VLTextModel(nn.Cell):
         """The CPU kernels that run a prompt's decoder layer as two operators (csrc/prompt.cc), or None where they
         do not apply: they come with the "sdpa" attention of the CPU backend, compute in float32, need oneDNN's
         sgemm from MindSpore's backend for their products, and know nothing of tensor parallelism."""
-        policy = self.policy
-        if policy.attn_implementation != "sdpa" or policy.compute_dtype != ms.float32 or self.tensor_parallel:
-            return None
-        kernels = self.layers[0].flash_kernel
-        return kernels if kernels.prompt_ready else None
+        kernels = attention.layer_kernels(self.policy)
+        return kernels if kernels is not None and kernels.prompt_ready and not self.tensor_parallel else None
 
     def rotary_rows(self):
         attn = self.layers[0].self_attn

@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import flash_kernel, frame_attention, query_blocks, segment_batches
+from .attention import flash_kernel, frame_attention, layer_kernels, query_blocks, segment_batches
 from .config import Qwen2VLVisionConfig
 from .graphs import HotLayouts, Step, dynamic, like
 from .kernels import PortableKernels, broadcast, kernels_for, rotate_half_matrix, split
@@ -464,11 +464,8 @@ class Qwen2VisionTransformer(nn.Cell):
         """The CPU kernel that runs a whole block (csrc/vision.cc), or None where it does not apply: it comes with
         the "sdpa" attention of the CPU backend, computes in float32 and needs oneDNN's sgemm from MindSpore's
         backend."""
-        policy = self.policy
-        if policy.attn_implementation != "sdpa" or policy.compute_dtype != ms.float32:
-            return None
-        kernels = self.blocks[0].flash_kernel
-        return kernels if kernels.prompt_ready else None
+        kernels = layer_kernels(self.policy)
+        return kernels if kernels is not None and kernels.prompt_ready else None
 
     def windowed(self, index):
         """Whether block `index` attends within windows (else within frames)."""
