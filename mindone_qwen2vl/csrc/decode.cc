@@ -30,24 +30,6 @@ namespace {
 // a guess, not tuned.
 constexpr int64_t kParallelWeights = 1 << 18;
 
-template <typename F>
-void ForRanges(int64_t n, int64_t work, F fn) {
-  const int threads = work < kParallelWeights ? 1 : static_cast<int>(std::min<int64_t>(mindone::Threads(), n));
-  if (threads <= 1) return fn(0, n);
-  std::vector<std::thread> pool;
-  const int64_t step = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t a = std::min(n, t * step), z = std::min(n, a + step);
-    try {
-      pool.emplace_back([=] { fn(a, z); });
-    } catch (const std::system_error &) {
-      fn(a, z);  // no thread to be had: this one takes the range
-    }
-  }
-  fn(0, std::min(n, step));
-  for (auto &t : pool) t.join();
-}
-
 inline float Dot(const float *a, const float *b, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -56,7 +38,7 @@ inline float Dot(const float *a, const float *b, int64_t n) {
 
 // y [R, N] = x [R, K] w^T (+ b), w [N, K]; each weight row is read once for up to four rows of x.
 void Linear(const float *x, int64_t r, int64_t k, const float *w, const float *b, int64_t n, float *y) {
-  ForRanges(n, n * k, [=](int64_t o0, int64_t o1) {
+  mindone::ForRanges(n, n * k >= kParallelWeights, [=](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const float *wo = w + o * k;
       const float bias = b ? b[o] : 0.f;
@@ -161,7 +143,7 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   const int64_t rep = h / kvh;
   int64_t visible = 0;  // (row, position) pairs the mask shows
   for (int64_t p = 0; p < b * l; ++p) visible += mask[p] != -FLT_MAX;
-  ForRanges(b * h, 2 * visible * h * d, [&](int64_t t0, int64_t t1) {
+  mindone::ForRanges(b * h, 2 * visible * h * d >= kParallelWeights, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(l);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / h, j = t % h;
@@ -210,24 +192,13 @@ int Head(int nparam, void **params, int *ndims, int64_t **shapes, const char **d
   return 0;
 }
 
-// Exceptions (no memory for the work buffers) become an error MindSpore reports; one crossing the C call would
-// abort the process.
-template <typename F>
-int Guarded(F fn) {
-  try {
-    return fn();
-  } catch (const std::exception &) {
-    return 1;
-  }
-}
-
 }  // namespace
 
 class AotExtra;
 
 extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
-  return Guarded([&] { return Layer(nparam, params, ndims, shapes, dtypes); });
+  return mindone::Guarded([&] { return Layer(nparam, params, ndims, shapes, dtypes); });
 }
 
 extern "C" std::vector<int64_t> DecodeLayerInferShape(int *ndims, int64_t **shapes, AotExtra *) {
@@ -236,7 +207,7 @@ extern "C" std::vector<int64_t> DecodeLayerInferShape(int *ndims, int64_t **shap
 
 extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
-  return Guarded([&] { return Head(nparam, params, ndims, shapes, dtypes); });
+  return mindone::Guarded([&] { return Head(nparam, params, ndims, shapes, dtypes); });
 }
 
 extern "C" std::vector<int64_t> DecodeHeadInferShape(int *ndims, int64_t **shapes, AotExtra *) {

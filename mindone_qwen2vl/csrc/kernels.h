@@ -1,6 +1,11 @@
 // What the kernels' sources share (sdpa.cc defines these).
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <exception>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 namespace mindone {
 
@@ -21,5 +26,35 @@ bool Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, 
 // (s < segments) attend to each other only, every key of their segment visible. Throws std::bad_alloc.
 void SegmentAttend(const float *q, const float *k, const float *v, float *o, int64_t gq, int64_t gk, int64_t n,
                    int64_t d, const int32_t *bounds, int64_t segments);
+
+// fn(a, z) over [0, n) in one range per core when `parallel`, else in one range on this thread.
+template <typename F>
+void ForRanges(int64_t n, bool parallel, F fn) {
+  const int threads = parallel ? static_cast<int>(std::min<int64_t>(Threads(), n)) : 1;
+  if (threads <= 1) return fn(0, n);
+  std::vector<std::thread> pool;
+  const int64_t step = (n + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t a = std::min(n, t * step), z = std::min(n, a + step);
+    try {
+      pool.emplace_back([=] { fn(a, z); });
+    } catch (const std::system_error &) {
+      fn(a, z);  // no thread to be had: this one takes the range
+    }
+  }
+  fn(0, std::min(n, step));
+  for (auto &t : pool) t.join();
+}
+
+// An operator's body, its exceptions (no memory for the work buffers) turned into the error status MindSpore
+// reports: one crossing the C call would abort the process.
+template <typename F>
+int Guarded(F fn) {
+  try {
+    return fn();
+  } catch (const std::exception &) {
+    return 1;
+  }
+}
 
 }  // namespace mindone

@@ -48,24 +48,6 @@ SgemmFn Sgemm() {
 // 86 on one, while 1000x128x64 (8M) was faster on one (0.16 against 0.18 ms: starting a thread costs more).
 constexpr double kParallelMacs = 32.0 * (1 << 20);
 
-template <typename F>
-void ForRows(int64_t n, double work, double threshold, F fn) {
-  const int threads = work < threshold ? 1 : static_cast<int>(std::min<int64_t>(mindone::Threads(), n));
-  if (threads <= 1) return fn(0, n);
-  std::vector<std::thread> pool;
-  const int64_t step = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t a = std::min(n, t * step), z = std::min(n, a + step);
-    try {
-      pool.emplace_back([=] { fn(a, z); });
-    } catch (const std::system_error &) {
-      fn(a, z);  // no thread to be had: this one takes the range
-    }
-  }
-  fn(0, std::min(n, step));
-  for (auto &t : pool) t.join();
-}
-
 void RmsNormRows(const float *x, int64_t r, int64_t e, const float *w, float eps, float *y) {
   for (int64_t i = 0; i < r; ++i) {
     const float *xi = x + i * e;
@@ -184,17 +166,6 @@ int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char *
   return 0;
 }
 
-// Exceptions (no memory for the work buffers) become an error MindSpore reports; one crossing the C call would
-// abort the process.
-template <typename F>
-int Guarded(F fn) {
-  try {
-    return fn();
-  } catch (const std::exception &) {
-    return 1;
-  }
-}
-
 }  // namespace
 
 // c [m, n] (row stride ldc) = a [m, k] (row stride lda) w^T + beta c, w [n, k] as torch stores a Linear's weight.
@@ -214,9 +185,9 @@ bool mindone::Product(const float *a, int64_t lda, int64_t m, int64_t k, const f
   };
   const double work = static_cast<double>(m) * n * k;
   if (m >= n)
-    ForRows(m, work, kParallelMacs, [&](int64_t r0, int64_t r1) { part(r0, r1, 0, n); });
+    mindone::ForRanges(m, work >= kParallelMacs, [&](int64_t r0, int64_t r1) { part(r0, r1, 0, n); });
   else
-    ForRows(n, work, kParallelMacs, [&](int64_t o0, int64_t o1) { part(0, m, o0, o1); });
+    mindone::ForRanges(n, work >= kParallelMacs, [&](int64_t o0, int64_t o1) { part(0, m, o0, o1); });
   return ok.load();
 }
 
@@ -226,7 +197,7 @@ extern "C" int PromptKernelsReady() { return Sgemm() != nullptr; }
 
 extern "C" int PromptProject(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  return Guarded([&] { return Project(nparam, params, ndims, shapes, dtypes); });
+  return mindone::Guarded([&] { return Project(nparam, params, ndims, shapes, dtypes); });
 }
 
 extern "C" std::vector<int64_t> PromptProjectInferShape(int *ndims, int64_t **shapes, AotExtra *) {
@@ -235,7 +206,7 @@ extern "C" std::vector<int64_t> PromptProjectInferShape(int *ndims, int64_t **sh
 
 extern "C" int PromptAttend(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void *stream, void *extra) {
-  return Guarded([&] { return Attend(nparam, params, ndims, shapes, dtypes); });
+  return mindone::Guarded([&] { return Attend(nparam, params, ndims, shapes, dtypes); });
 }
 
 extern "C" std::vector<int64_t> PromptAttendInferShape(int *ndims, int64_t **shapes, AotExtra *) {

@@ -234,8 +234,11 @@ int mindone::Threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-void mindone::CausalAttend(const float *q, const float *k, const float *v, const int32_t *pos, float *o,
-                           int64_t gq, int64_t gk, int64_t lq, int64_t l, int64_t d) {
+namespace {
+
+// qs, ks: rows from one group's queries (outputs) to the next's, and from its keys (values) to the next's.
+Problem Make(const float *q, const float *k, const float *v, const int32_t *pos, float *o, int64_t gq, int64_t gk,
+             int64_t lq, int64_t l, int64_t d, int64_t qs, int64_t ks) {
   Problem p;
   p.q = q;
   p.k = k;
@@ -244,10 +247,19 @@ void mindone::CausalAttend(const float *q, const float *k, const float *v, const
   p.o = o;
   p.gq = gq;
   p.gk = gk;
-  p.lq = p.qs = lq;
-  p.l = p.ks = l;
+  p.lq = lq;
+  p.l = l;
   p.d = d;
-  Run(p);
+  p.qs = qs;
+  p.ks = ks;
+  return p;
+}
+
+}  // namespace
+
+void mindone::CausalAttend(const float *q, const float *k, const float *v, const int32_t *pos, float *o,
+                           int64_t gq, int64_t gk, int64_t lq, int64_t l, int64_t d) {
+  Run(Make(q, k, v, pos, o, gq, gk, lq, l, d, lq, l));
 }
 
 void mindone::SegmentAttend(const float *q, const float *k, const float *v, float *o, int64_t gq, int64_t gk,
@@ -260,17 +272,7 @@ void mindone::SegmentAttend(const float *q, const float *k, const float *v, floa
   for (int64_t s = 0; s < segments; ++s) {
     const int64_t a = bounds[s], len = bounds[s + 1] - bounds[s];
     if (len <= 0) continue;
-    Problem p;
-    p.q = q + a * d;
-    p.k = k + a * d;
-    p.v = v + a * d;
-    p.o = o + a * d;
-    p.pos = nullptr;
-    p.gq = gq;
-    p.gk = gk;
-    p.lq = p.l = len;
-    p.qs = p.ks = n;
-    p.d = d;
+    Problem p = Make(q + a * d, k + a * d, v + a * d, nullptr, o + a * d, gq, gk, len, len, d, n, n);
     tiles.push_back(KeyTiles(p));
     p.kt = tiles.back().data();
     parts.push_back(p);
@@ -290,16 +292,13 @@ class AotExtra;
 
 namespace {
 
-// Exceptions (no memory for the tiles) become an error MindSpore reports; one crossing the C call would abort.
 int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool causal) {
   Problem p;
   if (!Read(nparam, params, ndims, shapes, dtypes, causal, &p)) return 1;
-  try {
+  return mindone::Guarded([&] {
     Run(p);
-  } catch (const std::exception &) {
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }
 
 }  // namespace

@@ -149,15 +149,9 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 
 class AotExtra;
 
-// Exceptions (no memory for the work buffers) become an error MindSpore reports; one crossing the C call would
-// abort the process.
 extern "C" int VisionBlock(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
-  try {
-    return Block(nparam, params, ndims, shapes, dtypes);
-  } catch (const std::exception &) {
-    return 1;
-  }
+  return mindone::Guarded([&] { return Block(nparam, params, ndims, shapes, dtypes); });
 }
 
 extern "C" std::vector<int64_t> VisionBlockInferShape(int *ndims, int64_t **shapes, AotExtra *) {
