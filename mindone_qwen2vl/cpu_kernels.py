@@ -136,7 +136,10 @@ class Kernels:
 
     @property
     def prompt_ready(self):
-        return bool(ctypes.CDLL(self.path).PromptKernelsReady())
+        # Asked again until true: MindSpore may load oneDNN after the library (the answer never turns false).
+        if not self.__dict__.get("_prompt_ready"):
+            self._prompt_ready = bool(ctypes.CDLL(self.path).PromptKernelsReady())
+        return self._prompt_ready
 
 
 def check(kernels):
