@@ -53,13 +53,18 @@ def layer_inputs(model, length, n=None):
     return layer, x, table, Tensor(np.array([1e-6], np.float32))
 
 
-@pytest.mark.parametrize("bad", ["rows", "heads"])
+@pytest.mark.parametrize("bad", ["rows", "heads", "bias"])
 def test_the_prompt_operators_refuse_inconsistent_shapes(tiny_ours, bad):
-    """A call whose inputs do not fit together (a position past the prompt, rotary tables of another head count)
-    fails in MindSpore with an error, never reads out of bounds."""
+    """A call whose inputs do not fit together (a position past the prompt, rotary tables of another head count, a
+    bias shorter than its projection) fails in MindSpore with an error, never reads out of bounds."""
     kernels = tiny_ours.model.prompt_kernels()
     layer, x, table, eps = layer_inputs(tiny_ours, 6)
     w = layer.weights()
+    if bad == "bias":
+        short = Tensor(w[2].asnumpy()[:-1])
+        with pytest.raises(RuntimeError):
+            kernels.prompt_project(x, table, table, w[0], w[1], short, *w[3:7], eps).asnumpy()
+        return
     if bad == "heads":
         _, _, wrong, _ = layer_inputs(tiny_ours, 6, n=3)
         with pytest.raises(RuntimeError):

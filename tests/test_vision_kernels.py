@@ -48,10 +48,10 @@ def test_where_the_fused_block_applies(tiny_ours, tiny_eager):
     assert tiny_eager.visual.block_kernels() is None
 
 
-@pytest.mark.parametrize("bounds", [[0, 3], [0, 5, 4, 6], [1, 6]])
+@pytest.mark.parametrize("bounds", [[0, 3], [0, 5, 4, 6], [1, 6], "short bias"])
 def test_the_block_operator_refuses_bad_bounds(tiny_ours, bounds):
-    """Segment bounds that do not cover the rows exactly, in order, fail in MindSpore with an error, never read
-    out of bounds."""
+    """Segment bounds that do not cover the rows exactly, in order, or a bias shorter than its projection, fail in
+    MindSpore with an error, never read out of bounds."""
     vis = tiny_ours.visual
     block = vis.blocks[0]
     n, e, d = 6, block.attn.proj.out_features, block.head_dim
@@ -61,5 +61,8 @@ def test_the_block_operator_refuses_bad_bounds(tiny_ours, bounds):
     kind = Tensor(np.array([0], np.int32))
     good = kernels.vision_block(x, table, table, Tensor(np.array([0, 2, 6], np.int32)), kind, *block.weights())
     assert good.shape == (n, e)
+    weights = list(block.weights())
+    if bounds == "short bias":
+        bounds, weights[3] = [0, 6], Tensor(weights[3].asnumpy()[:-1])  # qkv.bias
     with pytest.raises(RuntimeError):
-        kernels.vision_block(x, table, table, Tensor(np.array(bounds, np.int32)), kind, *block.weights()).asnumpy()
+        kernels.vision_block(x, table, table, Tensor(np.array(bounds, np.int32)), kind, *weights).asnumpy()

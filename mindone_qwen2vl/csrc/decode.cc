@@ -78,12 +78,6 @@ bool AllFloat32(int from, int to, const char **dtypes) {
   return true;
 }
 
-int64_t Elements(int nd, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < nd; ++i) n *= shape[i];
-  return n;
-}
-
 enum LayerInput {
   kX, kCos, kSin, kMask, kRows, kKeyCache, kValueCache, kInputNorm, kQW, kQB, kKW, kKB, kVW, kVB, kOW, kPostNorm,
   kGateW, kUpW, kDownW, kEps, kLayerInputs
@@ -184,7 +178,7 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 int Head(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !AllFloat32(0, 4, dtypes) || ndims[0] != 2 || ndims[2] != 2) return 1;
   const int64_t r = shapes[0][0], e = shapes[0][1], v = shapes[2][0];
-  if (shapes[2][1] != e || Elements(ndims[1], shapes[1]) != e) return 1;
+  if (shapes[2][1] != e || mindone::Elements(ndims[1], shapes[1]) != e) return 1;
   std::vector<float> norm(r * e);
   RmsNorm(static_cast<const float *>(params[0]), r, e, static_cast<const float *>(params[1]),
           static_cast<const float *>(params[3])[0], norm.data());

@@ -27,6 +27,13 @@ bool Product(const float *a, int64_t lda, int64_t m, int64_t k, const float *w, 
 void SegmentAttend(const float *q, const float *k, const float *v, float *o, int64_t gq, int64_t gk, int64_t n,
                    int64_t d, const int32_t *bounds, int64_t segments);
 
+// The number of elements of a tensor of shape[0..nd-1].
+inline int64_t Elements(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= shape[i];
+  return n;
+}
+
 // fn(a, z) over [0, n) in one range per core when `parallel`, else in one range on this thread.
 template <typename F>
 void ForRanges(int64_t n, bool parallel, F fn) {

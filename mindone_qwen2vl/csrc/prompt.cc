@@ -73,7 +73,11 @@ int Project(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t t = shapes[kX][0], e = shapes[kX][1], n = shapes[kCos][1], d = shapes[kCos][2];
   const int64_t hd = shapes[kQW][0], kvd = shapes[kKW][0];
   if (shapes[kCos][0] != t || shapes[kSin][0] != t || shapes[kSin][1] != n || shapes[kSin][2] != d || d % 2 ||
-      hd + 2 * kvd != n * d || shapes[kQW][1] != e || shapes[kKW][1] != e || shapes[kVW][0] != kvd)
+      hd + 2 * kvd != n * d || shapes[kQW][1] != e || shapes[kKW][1] != e || shapes[kVW][0] != kvd ||
+      ndims[kVW] != 2 || shapes[kVW][1] != e)
+    return 1;
+  auto size = [&](int i) { return mindone::Elements(ndims[i], shapes[i]); };
+  if (size(kInputNorm) != e || size(kQB) != hd || size(kKB) != kvd || size(kVB) != kvd || size(kProjectEps) < 1)
     return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const float *cos = in(kCos), *sin = in(kSin);
@@ -121,7 +125,10 @@ int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char *
   if (d == 0 || shapes[kOW][0] != e || shapes[kOW][1] % d) return 1;
   const int64_t h = shapes[kOW][1] / d, kvh = (n - h) / 2;
   if (shapes[kQkv][1] != t || kvh <= 0 || h + 2 * kvh != n || h % kvh || shapes[kGateW][1] != e ||
-      shapes[kUpW][0] != inter || shapes[kUpW][1] != e || shapes[kDownW][0] != e || shapes[kDownW][1] != inter)
+      ndims[kUpW] != 2 || ndims[kDownW] != 2 || shapes[kUpW][0] != inter || shapes[kUpW][1] != e ||
+      shapes[kDownW][0] != e || shapes[kDownW][1] != inter ||
+      mindone::Elements(ndims[kPostNorm], shapes[kPostNorm]) != e ||
+      mindone::Elements(ndims[kAttendEps], shapes[kAttendEps]) < 1)
     return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const float *x = in(kAX), *qkv = in(kQkv), *post_norm = in(kPostNorm), eps = in(kAttendEps)[0];

@@ -63,6 +63,7 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   for (int i = 0; i < kInputs; ++i)
     if (i != kBounds && i != kKind && std::strcmp(dtypes[i], "float32") != 0) return 1;
   if (ndims[kX] != 2 || ndims[kCos] != 4 || ndims[kSin] != 4 || ndims[kBounds] != 1) return 1;
+  if (mindone::Elements(ndims[kKind], shapes[kKind]) != 1) return 1;
   const int kind = static_cast<const int32_t *>(params[kKind])[0];
   if (kind != 0 && kind != 1) return 1;
   const Layout &at = kind == 0 ? kQwen2 : kQwen25;
@@ -70,18 +71,28 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   auto shape = [&](int i) { return shapes[kW0 + i]; };
   const int64_t n = shapes[kX][0], e = shapes[kX][1], d = shapes[kCos][3];
   const int64_t segments = shapes[kBounds][0] - 1;
-  if (d == 0 || d % 2 || e % d || ndims[kW0 + at.qkv_w] != 2 || shape(at.qkv_w)[0] != 3 * e ||
-      shape(at.qkv_w)[1] != e || shape(at.proj_w)[0] != e || shape(at.proj_w)[1] != e || segments < 0)
+  if (d == 0 || d % 2 || e % d || ndims[kW0 + at.qkv_w] != 2 || ndims[kW0 + at.proj_w] != 2 ||
+      shape(at.qkv_w)[0] != 3 * e || shape(at.qkv_w)[1] != e || shape(at.proj_w)[0] != e ||
+      shape(at.proj_w)[1] != e || segments < 0)
     return 1;
   for (int i = kCos; i <= kSin; ++i)
     if (shapes[i][0] != n || shapes[i][1] != 3 || shapes[i][2] != 1 || shapes[i][3] != d) return 1;
   // MLP: kind 0 fc1 [I, E], fc1 bias, fc2 [E, I], fc2 bias; kind 1 gate, up [I, E] and down [E, I], with biases.
   const int first_mlp = kind == 0 ? 8 : 6;
-  const int64_t inter = shape(first_mlp)[0];
   const int down = 10;
+  for (int i : {first_mlp, down, kind == 1 ? 8 : down})
+    if (ndims[kW0 + i] != 2) return 1;
+  const int64_t inter = shape(first_mlp)[0];
   if (shape(first_mlp)[1] != e || shape(down)[0] != e || shape(down)[1] != inter ||
       (kind == 1 && (shape(8)[0] != inter || shape(8)[1] != e)))
     return 1;
+  // Every vector (norms, biases) the length it is read with.
+  auto size = [&](int i) { return i < 0 ? -1 : mindone::Elements(ndims[kW0 + i], shape(i)); };
+  const int vectors[] = {at.norm1_w, at.norm1_b, at.qkv_b, at.proj_b, at.norm2_w, at.norm2_b, first_mlp + 1, down + 1};
+  const int64_t lengths[] = {e, e, 3 * e, e, e, e, inter, e};
+  for (int i = 0; i < 8; ++i)
+    if (vectors[i] >= 0 && size(vectors[i]) != lengths[i]) return 1;
+  if (kind == 1 && size(9) != inter) return 1;
   const int32_t *bounds = static_cast<const int32_t *>(params[kBounds]);
   if (segments > 0 && (bounds[0] != 0 || bounds[segments] != n)) return 1;
   if (segments == 0 && n != 0) return 1;
