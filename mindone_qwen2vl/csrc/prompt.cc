@@ -8,8 +8,8 @@
 //                down_w [E, I], eps [1]) -> [Sq, E]: the rest of the layer for the positions `rows`, each
 //     attending the keys up to its own position.
 // The matrix products are oneDNN's sgemm, found in the oneDNN library MindSpore's CPU backend has loaded (the
-// library behind its MatMul); PromptKernelsReady() says whether it was found. Without it the operators fail
-// (the model does not call them then).
+// library behind its MatMul), on x86-64; PromptKernelsReady() says whether it was found. Without it the operators
+// fail (the model does not call them then).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -30,6 +30,10 @@ typedef int (*SgemmFn)(char transa, char transb, int64_t m, int64_t n, int64_t k
                        int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
 SgemmFn Sgemm() {
+#if !defined(__x86_64__)
+  // Measured on x86-64 only, where MindSpore's own MatMul is oneDNN's; elsewhere the model keeps MindSpore's steps.
+  return nullptr;
+#endif
   // Looked up until found: MindSpore may load its CPU backend (and oneDNN) after this library.
   static std::atomic<SgemmFn> found(nullptr);
   SgemmFn fn = found.load();
