@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 CXX_FLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
@@ -136,16 +137,25 @@ class Kernels:
 
     @property
     def prompt_ready(self):
-        # Asked again until true: MindSpore may load oneDNN after the library (the answer never turns false).
-        if not self.__dict__.get("_prompt_ready"):
-            self._prompt_ready = bool(ctypes.CDLL(self.path).PromptKernelsReady())
-        return self._prompt_ready
+        """Whether the prompt and vision operators can be used: they found oneDNN's sgemm (asked again until they
+        have: MindSpore may load oneDNN after this library), and they compute right (check_layers, once)."""
+        ready = self.__dict__.get("_prompt_ready")
+        if ready is None:
+            if not ctypes.CDLL(self.path).PromptKernelsReady():
+                return False
+            problem = check_layers(self)
+            if problem is not None:
+                warnings.warn(f"the CPU kernels at {self.path}: {problem}; prompts and vision blocks run MindSpore's "
+                              "kernels instead", RuntimeWarning, stacklevel=2)
+            ready = self._prompt_ready = problem is None
+        return ready
 
 
 def check(kernels):
     """The attention operators and the head on small inputs against numpy (float64): a library that does not load,
-    or computes wrong, is found here, once per process, rather than in the middle of a request. (The decode layer
-    is checked against the model's own layer by the tests.)"""
+    or computes wrong, is found here, once per process, rather than in the middle of a request. (The prompt and
+    vision layers are checked by check_layers when they are first asked for; the decode layer against the model's
+    own layer by the tests.)"""
     import numpy as np
     from mindspore import Tensor
 
@@ -170,6 +180,80 @@ def check(kernels):
     want = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * norm) @ weight.T
     head = kernels.decode_head(*(Tensor(a.astype(np.float32)) for a in (x, norm, weight, np.array([1e-6]))))
     agree(head, want, 1e-4)
+
+
+def check_layers(kernels):
+    """A prompt's layer and a vision block of small random weights against numpy (float64): None, or what is
+    wrong. Two query heads share one KV head; the block's rows attend in segments of 3 and 2."""
+    import numpy as np
+    from mindspore import Tensor
+
+    rng = np.random.default_rng(1)
+    t, e, h, kvh, d, inter = 5, 16, 2, 1, 8, 24
+    n = h + 2 * kvh
+
+    def r(*shape):
+        return rng.standard_normal(shape) * 0.5
+
+    def rms(a, w):
+        return a / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6) * w
+
+    def rotate(a, c, s):  # a cos + rotate_half(a) sin
+        half = a.shape[-1] // 2
+        return a * c + np.concatenate([-a[..., half:], a[..., :half]], -1) * s
+
+    def attend(q, k, v, visible):  # one query row over the keys it sees
+        scores = k[visible] @ q
+        p = np.exp(scores - scores.max())
+        return (p / p.sum()) @ v[visible]
+
+    def run(op, *arrays):
+        return op(*(Tensor(a.astype(np.int32 if a.dtype.kind == "i" else np.float32)) for a in arrays)).asnumpy()
+
+    eps = np.array([1e-6])
+    x, cos, sin = r(t, e), r(t, n, d), r(t, n, d)
+    w = [r(e) + 1, r(h * d, e), r(h * d), r(kvh * d, e), r(kvh * d), r(kvh * d, e), r(kvh * d), r(e, h * d),
+         r(e) + 1, r(inter, e), r(inter, e), r(e, inter)]
+    normed = rms(x, w[0])
+    qkv = np.concatenate([normed @ w[1].T + w[2], normed @ w[3].T + w[4], normed @ w[5].T + w[6]], 1)
+    rotated = rotate(qkv.reshape(t, n, d), cos, sin).transpose(1, 0, 2)
+    rows = np.array([1, 4])
+    heads = [[attend(rotated[j, i], rotated[h + j * kvh // h], rotated[h + kvh + j * kvh // h], slice(0, i + 1))
+              for j in range(h)] for i in rows]
+    y = x[rows] + np.asarray(heads).reshape(len(rows), h * d) @ w[7].T
+    normed = rms(y, w[8])
+    gate = normed @ w[9].T
+    layer = y + (gate / (1 + np.exp(-gate)) * (normed @ w[10].T)) @ w[11].T
+
+    bounds = np.array([0, 3, 5])
+    table = (r(t, 3, 1, d), r(t, 3, 1, d))
+    b = [r(e) + 1, r(e), r(3 * e, e), r(3 * e), r(e, e), r(e), r(e) + 1, r(e), r(inter, e), r(inter), r(e, inter),
+         r(e)]
+
+    def layer_norm(a, weight, bias):
+        centred = a - a.mean(-1, keepdims=True)
+        return centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + 1e-6) * weight + bias
+
+    qkv = (layer_norm(x, b[0], b[1]) @ b[2].T + b[3]).reshape(t, 3, e // d, d)
+    q, k, v = rotate(qkv, *table).transpose(1, 0, 2, 3)
+    segment = {i: slice(a, z) for a, z in zip(bounds[:-1], bounds[1:]) for i in range(a, z)}
+    attn = np.asarray([[attend(q[i, j], k[:, j], v[:, j], segment[i]) for j in range(e // d)] for i in range(t)])
+    y = x + attn.reshape(t, e) @ b[4].T + b[5]
+    hidden = layer_norm(y, b[6], b[7]) @ b[8].T + b[9]
+    block = y + (hidden / (1 + np.exp(-1.702 * hidden))) @ b[10].T + b[11]
+
+    try:
+        got_qkv = run(kernels.prompt_project, x, cos, sin, *w[:7], eps)
+        found = [(got_qkv, rotated),
+                 (run(kernels.prompt_attend, x, rotated, rows, *w[7:], eps), layer),
+                 (run(kernels.vision_block, x, *table, bounds, np.array([0]), *b), block)]
+    except RuntimeError as err:
+        return f"the layer operators failed ({(str(err).strip().splitlines() or ['?'])[0]})"
+    for got, want in found:
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        if not err < 1e-5:
+            return f"the layer operators compute wrong results (error {err:.1e})"
+    return None
 
 
 def kernels():

@@ -74,3 +74,28 @@ def test_the_prompt_operators_refuse_inconsistent_shapes(tiny_ours, bad):
     assert qkv.shape == (table.shape[1], 6, table.shape[2])
     with pytest.raises(RuntimeError):
         kernels.prompt_attend(x, qkv, Tensor(np.array([2, 6], np.int32)), *w[7:], eps).asnumpy()
+
+
+def test_layer_operators_that_compute_wrong_are_not_used(tmp_path, monkeypatch):
+    """cpu_kernels.check_layers finds layer operators that compute wrong (here a build whose q/k/v projections
+    drop their last bias element): `prompt_ready` is false, with a warning, so the model keeps MindSpore's steps.
+    The library this process uses passes the same check."""
+    from mindone_qwen2vl import cpu_kernels
+
+    monkeypatch.setenv("MINDONE_QWEN2VL_KERNEL_CACHE", str(tmp_path))
+    sources = []
+    for source in cpu_kernels.SOURCES:
+        text = source.read_text()
+        if source.name == "prompt.cc":
+            good = "for (int64_t j = 0; j < widths[p]; ++j) row[j] += b[j];"
+            assert good in text
+            text = text.replace(good, "for (int64_t j = 0; j + 1 < widths[p]; ++j) row[j] += b[j];")
+        sources.append(tmp_path / source.name)
+        sources[-1].write_text(text)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", tuple(sources))
+    broken = cpu_kernels.Kernels(str(cpu_kernels.build()))
+    assert "wrong results" in cpu_kernels.check_layers(broken)
+    with pytest.warns(RuntimeWarning, match="run MindSpore's kernels instead"):
+        assert not broken.prompt_ready
+    monkeypatch.undo()
+    assert cpu_kernels.check_layers(cpu_kernels.kernels()) is None
