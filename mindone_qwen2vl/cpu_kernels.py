@@ -104,8 +104,8 @@ class Kernels:
     layer (csrc/prompt.cc);
     vision_block(x [N, E], cos, sin [N, 3, 1, D], bounds [S + 1] int32, kind [1] int32, *weights) -> [N, E]: a
     vision block whose rows attend within the segments `bounds` gives (csrc/vision.cc).
-    `prompt_ready` says whether the prompt and vision operators found oneDNN's sgemm, which their products run on
-    (without it they fail, and the model does not use them)."""
+    `prompt_ready` says whether the prompt and vision operators can be used: their products run on oneDNN's sgemm
+    (without it they fail) and they are checked once against numpy."""
 
     def __init__(self, path):
         from mindspore import ops
@@ -131,7 +131,8 @@ class Kernels:
         self.decode_layer = op("DecodeLayer", layer_inputs, (f32,) * 4 + (i32,) + (f32,) * 15)
         self.decode_head = op("DecodeHead", ("x", "norm", "weight", "eps"), (f32,) * 4)
         self.prompt_project = op("PromptProject", ("x", "cos", "sin") + layer_inputs[7:14] + ("eps",), (f32,) * 11)
-        self.prompt_attend = op("PromptAttend", ("x", "qkv", "rows") + layer_inputs[14:], (f32, f32, i32) + (f32,) * 6)
+        self.prompt_attend = op("PromptAttend", ("x", "qkv", "rows") + layer_inputs[14:],
+                                (f32, f32, i32) + (f32,) * 6)
         self.vision_block = op("VisionBlock", ("x", "cos", "sin", "bounds", "kind") + tuple(f"w{i}" for i in range(12)),
                                (f32, f32, f32, i32, i32) + (f32,) * 12)
 
