@@ -104,7 +104,7 @@ class Kernels:
     layer (csrc/prompt.cc);
     vision_block(x [N, E], cos, sin [N, 3, 1, D], bounds [S + 1] int32, kind [1] int32, *weights) -> [N, E]: a
     vision block whose rows attend within the segments `bounds` gives (csrc/vision.cc).
-    `prompt_ready` says whether the prompt and vision operators can be used: their products run on oneDNN's sgemm
+    `layers_ready` says whether the prompt and vision operators can be used: their products run on oneDNN's sgemm
     (without it they fail) and they are checked once against numpy."""
 
     def __init__(self, path):
@@ -137,18 +137,18 @@ class Kernels:
                                (f32, f32, f32, i32, i32) + (f32,) * 12)
 
     @property
-    def prompt_ready(self):
+    def layers_ready(self):
         """Whether the prompt and vision operators can be used: they found oneDNN's sgemm (asked again until they
         have: MindSpore may load oneDNN after this library), and they compute right (check_layers, once)."""
-        ready = self.__dict__.get("_prompt_ready")
+        ready = self.__dict__.get("_layers_ready")
         if ready is None:
-            if not ctypes.CDLL(self.path).PromptKernelsReady():
+            if not ctypes.CDLL(self.path).LayerKernelsReady():
                 return False
             problem = check_layers(self)
             if problem is not None:
                 warnings.warn(f"the CPU kernels at {self.path}: {problem}; prompts and vision blocks run MindSpore's "
                               "kernels instead", RuntimeWarning, stacklevel=2)
-            ready = self._prompt_ready = problem is None
+            ready = self._layers_ready = problem is None
         return ready
 
 

@@ -137,9 +137,10 @@ class Worker:
     def __init__(self, model, rows, max_len):
         self.model = model
         self.runner = Runner(model, rows, max_len, layerwise=False)  # the engine decodes with whole steps
-        self.lengths = [n for n in (VIEW_LENGTH * 2 ** k for k in range(32)) if n < max_len] + [max_len]
-        if self.runner.decode.fused:  # its kernels read only the positions a row sees: a view would save nothing
-            self.lengths = [max_len]
+        # Fused kernels read only the positions a row sees: a view would save nothing.
+        views = () if self.runner.decode.fused else (VIEW_LENGTH * 2 ** k for k in range(32))
+        shorter = [n for n in views if n < max_len]
+        self.lengths = shorter + [max_len]
         self.views = {}  # length -> DecodeOneToken over the cache's first rows and first `length` positions
         self.steps = {(rows, max_len): self.runner}  # (rows, length) -> TimedStep, once called
         self.rented = collections.Counter()  # (rows, length) not compiled: steps run for it in a longer view

@@ -332,7 +332,7 @@ class Qwen2VLTextModel(nn.Cell):
         do not apply: they come with the "sdpa" attention of the CPU backend, compute in float32, need oneDNN's
         sgemm from MindSpore's backend for their products, and know nothing of tensor parallelism."""
         kernels = attention.layer_kernels(self.policy)
-        return kernels if kernels is not None and kernels.prompt_ready and not self.tensor_parallel else None
+        return kernels if kernels is not None and kernels.layers_ready and not self.tensor_parallel else None
 
     def rotary_rows(self):
         attn = self.layers[0].self_attn

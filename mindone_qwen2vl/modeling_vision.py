@@ -465,7 +465,7 @@ class Qwen2VisionTransformer(nn.Cell):
         the "sdpa" attention of the CPU backend, computes in float32 and needs oneDNN's sgemm from MindSpore's
         backend."""
         kernels = layer_kernels(self.policy)
-        return kernels if kernels is not None and kernels.prompt_ready else None
+        return kernels if kernels is not None and kernels.layers_ready else None
 
     def windowed(self, index):
         """Whether block `index` attends within windows (else within frames)."""

@@ -78,7 +78,7 @@ def test_the_prompt_operators_refuse_inconsistent_shapes(tiny_ours, bad):
 
 def test_layer_operators_that_compute_wrong_are_not_used(tmp_path, monkeypatch):
     """cpu_kernels.check_layers finds layer operators that compute wrong (here a build whose q/k/v projections
-    drop their last bias element): `prompt_ready` is false, with a warning, so the model keeps MindSpore's steps.
+    drop their last bias element): `layers_ready` is false, with a warning, so the model keeps MindSpore's steps.
     The library this process uses passes the same check."""
     from mindone_qwen2vl import cpu_kernels
 
@@ -87,15 +87,15 @@ def test_layer_operators_that_compute_wrong_are_not_used(tmp_path, monkeypatch):
     for source in cpu_kernels.SOURCES:
         text = source.read_text()
         if source.name == "prompt.cc":
-            good = "for (int64_t j = 0; j < widths[p]; ++j) row[j] += b[j];"
+            good = "mindone::AddBias(into, t, widths[p], n * d, in(bias[p]));"
             assert good in text
-            text = text.replace(good, "for (int64_t j = 0; j + 1 < widths[p]; ++j) row[j] += b[j];")
+            text = text.replace(good, "mindone::AddBias(into, t, widths[p] - 1, n * d, in(bias[p]));")
         sources.append(tmp_path / source.name)
         sources[-1].write_text(text)
     monkeypatch.setattr(cpu_kernels, "SOURCES", tuple(sources))
     broken = cpu_kernels.Kernels(str(cpu_kernels.build()))
     assert "wrong results" in cpu_kernels.check_layers(broken)
     with pytest.warns(RuntimeWarning, match="run MindSpore's kernels instead"):
-        assert not broken.prompt_ready
+        assert not broken.layers_ready
     monkeypatch.undo()
     assert cpu_kernels.check_layers(cpu_kernels.kernels()) is None

@@ -63,21 +63,6 @@ void Linear(const float *x, int64_t r, int64_t k, const float *w, const float *b
   });
 }
 
-void RmsNorm(const float *x, int64_t r, int64_t e, const float *w, float eps, float *y) {
-  for (int64_t i = 0; i < r; ++i) {
-    const float *xi = x + i * e;
-    float *yi = y + i * e;
-    const float scale = 1.f / std::sqrt(Dot(xi, xi, e) / static_cast<float>(e) + eps);
-    for (int64_t j = 0; j < e; ++j) yi[j] = xi[j] * scale * w[j];
-  }
-}
-
-bool AllFloat32(int from, int to, const char **dtypes) {
-  for (int i = from; i < to; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  return true;
-}
-
 enum LayerInput {
   kX, kCos, kSin, kMask, kRows, kKeyCache, kValueCache, kInputNorm, kQW, kQB, kKW, kKB, kVW, kVB, kOW, kPostNorm,
   kGateW, kUpW, kDownW, kEps, kLayerInputs
@@ -85,7 +70,7 @@ enum LayerInput {
 
 int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != kLayerInputs + 1 || std::strcmp(dtypes[kRows], "int32") != 0) return 1;
-  if (!AllFloat32(0, kRows, dtypes) || !AllFloat32(kKeyCache, kLayerInputs, dtypes)) return 1;
+  if (!mindone::AllFloat32(0, kRows, dtypes) || !mindone::AllFloat32(kKeyCache, kLayerInputs, dtypes)) return 1;
   if (ndims[kX] != 2 || ndims[kCos] != 3 || ndims[kMask] != 4 || ndims[kRows] != 2 || ndims[kKeyCache] != 2)
     return 1;
   const int64_t b = shapes[kX][0], e = shapes[kX][1], n = shapes[kCos][1], d = shapes[kCos][2];
@@ -104,7 +89,7 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 
   std::vector<float> norm(b * e), qkv(b * n * d), rotated(b * n * d), attn(b * h * d), hidden(b * e);
   std::vector<float> gate(b * inter), up(b * inter);
-  RmsNorm(x, b, e, in(kInputNorm), eps, norm.data());
+  mindone::RmsNorm(x, b, e, in(kInputNorm), eps, norm.data());
   // q, k and v side by side per row, as the rotary tables are laid out.
   std::vector<float> part(b * std::max(h, kvh) * d);
   const int64_t widths[3] = {h * d, kvh * d, kvh * d}, offsets[3] = {0, h * d, (h + kvh) * d};
@@ -114,16 +99,7 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
     for (int64_t i = 0; i < b; ++i)
       std::memcpy(&qkv[i * n * d + offsets[p]], &part[i * widths[p]], widths[p] * sizeof(float));
   }
-  // Rotary: x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1).
-  const int64_t half = d / 2;
-  for (int64_t r = 0; r < b * n; ++r) {
-    const float *v = &qkv[r * d], *c = cos + r * d, *s = sin + r * d;
-    float *o = &rotated[r * d];
-    for (int64_t j = 0; j < half; ++j) {
-      o[j] = v[j] * c[j] - v[j + half] * s[j];
-      o[j + half] = v[j + half] * c[j + half] + v[j] * s[j + half];
-    }
-  }
+  for (int64_t r = 0; r < b * n; ++r) mindone::Rotate(&qkv[r * d], cos + r * d, sin + r * d, d, &rotated[r * d]);
   for (int64_t i = 0; i < b * kvh; ++i)
     if (rows[i] < 0 || rows[i] >= cache_rows) return 1;  // before any write: nothing half-written
   for (int64_t i = 0; i < b; ++i)
@@ -166,7 +142,7 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   });
   Linear(attn.data(), b, h * d, in(kOW), nullptr, e, hidden.data());
   for (int64_t i = 0; i < b * e; ++i) hidden[i] += x[i];
-  RmsNorm(hidden.data(), b, e, in(kPostNorm), eps, norm.data());
+  mindone::RmsNorm(hidden.data(), b, e, in(kPostNorm), eps, norm.data());
   Linear(norm.data(), b, e, in(kGateW), nullptr, inter, gate.data());
   Linear(norm.data(), b, e, in(kUpW), nullptr, inter, up.data());
   for (int64_t i = 0; i < b * inter; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
@@ -176,11 +152,11 @@ int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 }
 
 int Head(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 5 || !AllFloat32(0, 4, dtypes) || ndims[0] != 2 || ndims[2] != 2) return 1;
+  if (nparam != 5 || !mindone::AllFloat32(0, 4, dtypes) || ndims[0] != 2 || ndims[2] != 2) return 1;
   const int64_t r = shapes[0][0], e = shapes[0][1], v = shapes[2][0];
   if (shapes[2][1] != e || mindone::Elements(ndims[1], shapes[1]) != e) return 1;
   std::vector<float> norm(r * e);
-  RmsNorm(static_cast<const float *>(params[0]), r, e, static_cast<const float *>(params[1]),
+  mindone::RmsNorm(static_cast<const float *>(params[0]), r, e, static_cast<const float *>(params[1]),
           static_cast<const float *>(params[3])[0], norm.data());
   Linear(norm.data(), r, e, static_cast<const float *>(params[2]), nullptr, v, static_cast<float *>(params[4]));
   return 0;

@@ -1,7 +1,9 @@
 // What the kernels' sources share (sdpa.cc defines these).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <system_error>
 #include <thread>
@@ -32,6 +34,40 @@ inline int64_t Elements(int nd, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < nd; ++i) n *= shape[i];
   return n;
+}
+
+// Whether the inputs from..to-1 are all float32 (MindSpore passes each input's dtype by name).
+inline bool AllFloat32(int from, int to, const char **dtypes) {
+  for (int i = from; i < to; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
+// Qwen2's RMSNorm of r rows of e: y = x / sqrt(mean(x^2) + eps) * w.
+inline void RmsNorm(const float *x, int64_t r, int64_t e, const float *w, float eps, float *y) {
+  for (int64_t i = 0; i < r; ++i) {
+    const float *xi = x + i * e;
+    float *yi = y + i * e;
+    float ss = 0.f;
+    for (int64_t j = 0; j < e; ++j) ss += xi[j] * xi[j];
+    const float scale = 1.f / std::sqrt(ss / static_cast<float>(e) + eps);
+    for (int64_t j = 0; j < e; ++j) yi[j] = xi[j] * scale * w[j];
+  }
+}
+
+// One head's rotary embedding: o = v cos + rotate_half(v) sin, rotate_half(v1, v2) = (-v2, v1), d even.
+inline void Rotate(const float *v, const float *c, const float *s, int64_t d, float *o) {
+  const int64_t half = d / 2;
+  for (int64_t m = 0; m < half; ++m) {
+    o[m] = v[m] * c[m] - v[m + half] * s[m];
+    o[m + half] = v[m + half] * c[m + half] + v[m] * s[m + half];
+  }
+}
+
+// b [width] added to the first `width` floats of r rows `stride` floats apart.
+inline void AddBias(float *y, int64_t r, int64_t width, int64_t stride, const float *b) {
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < width; ++j) y[i * stride + j] += b[j];
 }
 
 // fn(a, z) over [0, n) in one range per core when `parallel`, else in one range on this thread.

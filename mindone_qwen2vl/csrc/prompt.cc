@@ -8,7 +8,7 @@
 //                down_w [E, I], eps [1]) -> [Sq, E]: the rest of the layer for the positions `rows`, each
 //     attending the keys up to its own position.
 // The matrix products are oneDNN's sgemm, found in the oneDNN library MindSpore's CPU backend has loaded (the
-// library behind its MatMul), on x86-64; PromptKernelsReady() says whether it was found. Without it the operators
+// library behind its MatMul), on x86-64; LayerKernelsReady() says whether it was found. Without it the operators
 // fail (the model does not call them then).
 #include <algorithm>
 #include <atomic>
@@ -52,27 +52,10 @@ SgemmFn Sgemm() {
 // 86 on one, while 1000x128x64 (8M) was faster on one (0.16 against 0.18 ms: starting a thread costs more).
 constexpr double kParallelMacs = 32.0 * (1 << 20);
 
-void RmsNormRows(const float *x, int64_t r, int64_t e, const float *w, float eps, float *y) {
-  for (int64_t i = 0; i < r; ++i) {
-    const float *xi = x + i * e;
-    float *yi = y + i * e;
-    float ss = 0.f;
-    for (int64_t j = 0; j < e; ++j) ss += xi[j] * xi[j];
-    const float scale = 1.f / std::sqrt(ss / static_cast<float>(e) + eps);
-    for (int64_t j = 0; j < e; ++j) yi[j] = xi[j] * scale * w[j];
-  }
-}
-
-bool AllFloat32(int from, int to, const char **dtypes) {
-  for (int i = from; i < to; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  return true;
-}
-
 enum ProjectInput { kX, kCos, kSin, kInputNorm, kQW, kQB, kKW, kKB, kVW, kVB, kProjectEps, kProjectInputs };
 
 int Project(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != kProjectInputs + 1 || !AllFloat32(0, kProjectInputs, dtypes)) return 1;
+  if (nparam != kProjectInputs + 1 || !mindone::AllFloat32(0, kProjectInputs, dtypes)) return 1;
   if (ndims[kX] != 2 || ndims[kCos] != 3 || ndims[kSin] != 3 || ndims[kQW] != 2 || ndims[kKW] != 2) return 1;
   const int64_t t = shapes[kX][0], e = shapes[kX][1], n = shapes[kCos][1], d = shapes[kCos][2];
   const int64_t hd = shapes[kQW][0], kvd = shapes[kKW][0];
@@ -87,30 +70,20 @@ int Project(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const float *cos = in(kCos), *sin = in(kSin);
   float *out = static_cast<float *>(params[kProjectInputs]);
   std::vector<float> norm(t * e), qkv(t * n * d);
-  RmsNormRows(in(kX), t, e, in(kInputNorm), in(kProjectEps)[0], norm.data());
+  mindone::RmsNorm(in(kX), t, e, in(kInputNorm), in(kProjectEps)[0], norm.data());
   // q, k and v side by side in each row, as the rotary tables are laid out: three products into one buffer.
   const int64_t widths[3] = {hd, kvd, kvd}, offsets[3] = {0, hd, hd + kvd};
   const int weight[3] = {kQW, kKW, kVW}, bias[3] = {kQB, kKB, kVB};
   for (int p = 0; p < 3; ++p) {
     float *into = qkv.data() + offsets[p];
     if (!mindone::Product(norm.data(), e, t, e, in(weight[p]), widths[p], 0.f, into, n * d)) return 1;
-    const float *b = in(bias[p]);
-    for (int64_t i = 0; i < t; ++i) {
-      float *row = qkv.data() + i * n * d + offsets[p];
-      for (int64_t j = 0; j < widths[p]; ++j) row[j] += b[j];
-    }
+    mindone::AddBias(into, t, widths[p], n * d, in(bias[p]));
   }
-  // x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1), written heads first.
-  const int64_t half = d / 2;
+  // Rotated, written heads first.
   for (int64_t i = 0; i < t; ++i)
     for (int64_t j = 0; j < n; ++j) {
       const int64_t r = i * n + j;
-      const float *v = qkv.data() + r * d, *c = cos + r * d, *s = sin + r * d;
-      float *o = out + (j * t + i) * d;
-      for (int64_t m = 0; m < half; ++m) {
-        o[m] = v[m] * c[m] - v[m + half] * s[m];
-        o[m + half] = v[m + half] * c[m + half] + v[m] * s[m + half];
-      }
+      mindone::Rotate(qkv.data() + r * d, cos + r * d, sin + r * d, d, out + (j * t + i) * d);
     }
   return 0;
 }
@@ -122,7 +95,7 @@ constexpr int64_t kMlpFloats = 1 << 21;
 
 int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != kAttendInputs + 1 || std::strcmp(dtypes[kRows], "int32") != 0) return 1;
-  if (!AllFloat32(0, kRows, dtypes) || !AllFloat32(kOW, kAttendInputs, dtypes)) return 1;
+  if (!mindone::AllFloat32(0, kRows, dtypes) || !mindone::AllFloat32(kOW, kAttendInputs, dtypes)) return 1;
   if (ndims[kAX] != 2 || ndims[kQkv] != 3 || ndims[kRows] != 1 || ndims[kOW] != 2 || ndims[kGateW] != 2) return 1;
   const int64_t t = shapes[kAX][0], e = shapes[kAX][1], n = shapes[kQkv][0], d = shapes[kQkv][2];
   const int64_t sq = shapes[kRows][0], inter = shapes[kGateW][0];
@@ -166,7 +139,7 @@ int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char *
   std::vector<float> norm(rows_at_once * e), gate(rows_at_once * inter), up(rows_at_once * inter);
   for (int64_t i0 = 0; i0 < sq; i0 += block) {
     const int64_t r = std::min(block, sq - i0);
-    RmsNormRows(&y[i0 * e], r, e, post_norm, eps, norm.data());
+    mindone::RmsNorm(&y[i0 * e], r, e, post_norm, eps, norm.data());
     if (!mindone::Product(norm.data(), e, r, e, in(kGateW), inter, 0.f, gate.data(), inter) ||
         !mindone::Product(norm.data(), e, r, e, in(kUpW), inter, 0.f, up.data(), inter))
       return 1;
@@ -204,7 +177,7 @@ bool mindone::Product(const float *a, int64_t lda, int64_t m, int64_t k, const f
 
 class AotExtra;
 
-extern "C" int PromptKernelsReady() { return Sgemm() != nullptr; }
+extern "C" int LayerKernelsReady() { return Sgemm() != nullptr; }
 
 extern "C" int PromptProject(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {

@@ -20,29 +20,19 @@ namespace {
 
 constexpr float kEps = 1e-6f;
 
+// LayerNorm with bias b (Qwen2-VL), RMSNorm without (Qwen2.5-VL).
 void Norm(const float *x, int64_t r, int64_t e, const float *w, const float *b, float *y) {
+  if (!b) return mindone::RmsNorm(x, r, e, w, kEps, y);
   for (int64_t i = 0; i < r; ++i) {
     const float *xi = x + i * e;
     float *yi = y + i * e;
-    if (b) {  // LayerNorm
-      float mean = 0.f, var = 0.f;
-      for (int64_t j = 0; j < e; ++j) mean += xi[j];
-      mean /= static_cast<float>(e);
-      for (int64_t j = 0; j < e; ++j) var += (xi[j] - mean) * (xi[j] - mean);
-      const float scale = 1.f / std::sqrt(var / static_cast<float>(e) + kEps);
-      for (int64_t j = 0; j < e; ++j) yi[j] = (xi[j] - mean) * scale * w[j] + b[j];
-    } else {  // RMSNorm
-      float ss = 0.f;
-      for (int64_t j = 0; j < e; ++j) ss += xi[j] * xi[j];
-      const float scale = 1.f / std::sqrt(ss / static_cast<float>(e) + kEps);
-      for (int64_t j = 0; j < e; ++j) yi[j] = xi[j] * scale * w[j];
-    }
+    float mean = 0.f, var = 0.f;
+    for (int64_t j = 0; j < e; ++j) mean += xi[j];
+    mean /= static_cast<float>(e);
+    for (int64_t j = 0; j < e; ++j) var += (xi[j] - mean) * (xi[j] - mean);
+    const float scale = 1.f / std::sqrt(var / static_cast<float>(e) + kEps);
+    for (int64_t j = 0; j < e; ++j) yi[j] = (xi[j] - mean) * scale * w[j] + b[j];
   }
-}
-
-void AddBias(float *y, int64_t r, int64_t n, const float *b) {
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < n; ++j) y[i * n + j] += b[j];
 }
 
 enum Input { kX, kCos, kSin, kBounds, kKind, kW0, kInputs = kW0 + 12 };
@@ -101,23 +91,18 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   const float *x = static_cast<const float *>(params[kX]);
   const float *cos = static_cast<const float *>(params[kCos]), *sin = static_cast<const float *>(params[kSin]);
   float *out = static_cast<float *>(params[kInputs]);
-  const int64_t heads = e / d, half = d / 2;
+  const int64_t heads = e / d;
 
   std::vector<float> h(n * e), qkv(n * 3 * e), rotated(3 * e * n);
   Norm(x, n, e, w(at.norm1_w), w(at.norm1_b), h.data());
   if (!mindone::Product(h.data(), e, n, e, w(at.qkv_w), 3 * e, 0.f, qkv.data(), 3 * e)) return 1;
-  AddBias(qkv.data(), n, 3 * e, w(at.qkv_b));
+  mindone::AddBias(qkv.data(), n, 3 * e, 3 * e, w(at.qkv_b));
   // Rotated and heads first: [3, heads, N, D].
   for (int64_t i = 0; i < n; ++i)
     for (int64_t p = 0; p < 3; ++p) {
       const float *c = cos + (i * 3 + p) * d, *s = sin + (i * 3 + p) * d;
       for (int64_t j = 0; j < heads; ++j) {
-        const float *v = &qkv[(i * 3 + p) * e + j * d];
-        float *o = &rotated[((p * heads + j) * n + i) * d];
-        for (int64_t m = 0; m < half; ++m) {
-          o[m] = v[m] * c[m] - v[m + half] * s[m];
-          o[m + half] = v[m + half] * c[m + half] + v[m] * s[m + half];
-        }
+        mindone::Rotate(&qkv[(i * 3 + p) * e + j * d], c, s, d, &rotated[((p * heads + j) * n + i) * d]);
       }
     }
   std::vector<float> attn_heads(heads * n * d);
@@ -133,7 +118,7 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   float *y = h.data();  // the norm's buffer, free too
   std::memcpy(y, x, n * e * sizeof(float));
   if (!mindone::Product(attn, e, n, e, w(at.proj_w), e, 1.f, y, e)) return 1;
-  AddBias(y, n, e, w(at.proj_b));
+  mindone::AddBias(y, n, e, e, w(at.proj_b));
   // out = y + MLP(norm2(y)), a block of rows at a time.
   const int64_t block = std::min(n, std::max<int64_t>(64, kMlpFloats / std::max<int64_t>(1, inter)));
   std::vector<float> norm(block * e), a(block * inter), b(kind == 1 ? block * inter : 0);
@@ -141,17 +126,17 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
     const int64_t r = std::min(block, n - i0);
     Norm(y + i0 * e, r, e, w(at.norm2_w), w(at.norm2_b), norm.data());
     if (!mindone::Product(norm.data(), e, r, e, w(first_mlp), inter, 0.f, a.data(), inter)) return 1;
-    AddBias(a.data(), r, inter, w(first_mlp + 1));
+    mindone::AddBias(a.data(), r, inter, inter, w(first_mlp + 1));
     if (kind == 0) {
       for (int64_t m = 0; m < r * inter; ++m) a[m] = a[m] / (1.f + std::exp(-1.702f * a[m]));  // quick GELU
     } else {
       if (!mindone::Product(norm.data(), e, r, e, w(8), inter, 0.f, b.data(), inter)) return 1;
-      AddBias(b.data(), r, inter, w(9));
+      mindone::AddBias(b.data(), r, inter, inter, w(9));
       for (int64_t m = 0; m < r * inter; ++m) a[m] = a[m] / (1.f + std::exp(-a[m])) * b[m];
     }
     std::memcpy(out + i0 * e, y + i0 * e, r * e * sizeof(float));
     if (!mindone::Product(a.data(), inter, r, inter, w(down), e, 1.f, out + i0 * e, e)) return 1;
-    AddBias(out + i0 * e, r, e, w(down + 1));
+    mindone::AddBias(out + i0 * e, r, e, e, w(down + 1));
   }
   return 0;
 }
